@@ -1,0 +1,1 @@
+"""Job entry points (prepare, train, bench, pipeline); `recmix run` dispatches here by `kind`."""

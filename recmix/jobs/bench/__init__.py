@@ -1,0 +1,1 @@
+"""Benchmarks registered in `recmix.platform.bench` (each `run(quick) -> BenchReport`)."""

@@ -1,0 +1,1 @@
+"""Compute kernels, each beside its readable PyTorch reference, behind a dispatcher."""

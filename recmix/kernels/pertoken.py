@@ -1,0 +1,32 @@
+"""Per-token linear: T independent weight banks applied by one batched matmul.
+
+Legend: B batch rows, T tokens (weight banks), I input width, O output width.
+    x_BTI  activations, batch-first as the models hold them
+    w_TIO  one (I, O) weight matrix per token position
+    y_BTO  output
+
+This is the dispatch point every per-token layer goes through; quantized (W8A16) and Triton variants
+plug in here (`recmix.kernels.w8a16`), so model code never picks a kernel itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def pertoken_linear_reference(x_BTI: torch.Tensor, w_TIO: torch.Tensor, b_TO: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Readable reference: a loop of T ordinary matmuls."""
+    outs = [x_BTI[:, t] @ w_TIO[t] for t in range(w_TIO.shape[0])]
+    y_BTO = torch.stack(outs, dim=1)
+    return y_BTO if b_TO is None else y_BTO + b_TO
+
+
+def pertoken_linear(x_BTI: torch.Tensor, w_TIO: torch.Tensor, b_TO: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One `bmm` over the token axis: (T, B, I) @ (T, I, O) -> (T, B, O)."""
+    assert x_BTI.dim() == 3 and w_TIO.dim() == 3 and x_BTI.shape[1] == w_TIO.shape[0] and x_BTI.shape[2] == w_TIO.shape[1], (
+        tuple(x_BTI.shape), tuple(w_TIO.shape))
+    y_TBO = torch.bmm(x_BTI.transpose(0, 1), w_TIO)
+    y_BTO = y_TBO.transpose(0, 1)
+    return y_BTO if b_TO is None else y_BTO + b_TO

@@ -1,0 +1,1 @@
+"""Job specs: small per-component configs composed by `JobSpec` (see job.py)."""

@@ -1,0 +1,214 @@
+"""Data-side component configs: feature schema, dataset location, storage endpoint.
+
+The feature schema is the contract between data preparation, the models and the parameter server:
+prepare writes it into the dataset manifest, training reads it back from there.
+
+Parquet column types per feature type (checked by `recmix.jobs.prepare` against real files):
+
+| type               | parquet column          | notes                                              |
+|--------------------|-------------------------|----------------------------------------------------|
+| categorical        | int64                   | ids in [0, vocab_size) or hashed into hash_buckets |
+| multi_categorical  | list<int64>             | at most max_len ids, pooled by the model           |
+| sequence           | list<int64>             | time-ordered, most recent last, at most max_len    |
+| dense              | float32 (dim 1) or list<float32> of length dim |                             |
+| label              | int8 / int64 / float    | role `label`, type `dense`, dim 1                  |
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import StrictModel
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_RE.pattern)]
+
+
+class FeatureRole(str, Enum):
+    user = "user"
+    item = "item"
+    context = "context"
+    sequence = "sequence"
+    label = "label"
+
+
+class FeatureType(str, Enum):
+    categorical = "categorical"
+    multi_categorical = "multi_categorical"
+    dense = "dense"
+    sequence = "sequence"
+
+
+class GroupSide(str, Enum):
+    """Which side of a request a token group belongs to (UG-Sep keeps `user` groups candidate-free)."""
+
+    user = "user"
+    candidate = "candidate"
+
+
+class TokenGroup(StrictModel):
+    """A semantic token group: the features the tokenizer turns into one token."""
+
+    name: Name
+    side: GroupSide = GroupSide.candidate
+
+
+class Feature(StrictModel):
+    name: Name
+    role: FeatureRole
+    type: FeatureType
+    vocab_size: Optional[Annotated[int, Field(gt=0)]] = None
+    hash_buckets: Optional[Annotated[int, Field(gt=0)]] = None
+    embedding_dim: Optional[Annotated[int, Field(gt=0, le=4096)]] = None
+    # Features naming the same table share one embedding table (history item ids and item_id, say).
+    table: Optional[Name] = None
+    dim: Annotated[int, Field(gt=0, le=65536)] = 1
+    group: Optional[Name] = None
+    max_len: Optional[Annotated[int, Field(gt=0, le=100_000)]] = None
+
+    @model_validator(mode="after")
+    def _check_type_fields(self) -> "Feature":
+        sparse = self.type is not FeatureType.dense
+        if self.role is FeatureRole.label:
+            if self.type is not FeatureType.dense or self.dim != 1:
+                raise ValueError(f"label feature '{self.name}' must have type 'dense' and dim 1, got type '{self.type.value}' dim {self.dim}")
+            if self.group is not None:
+                raise ValueError(f"label feature '{self.name}' must not name a token group (got '{self.group}')")
+        elif self.group is None:
+            raise ValueError(f"feature '{self.name}' needs a token group ('group')")
+        if sparse:
+            if (self.vocab_size is None) == (self.hash_buckets is None):
+                raise ValueError(
+                    f"{self.type.value} feature '{self.name}' needs exactly one of vocab_size or hash_buckets "
+                    f"(got vocab_size={self.vocab_size}, hash_buckets={self.hash_buckets})")
+            if self.embedding_dim is None:
+                raise ValueError(f"{self.type.value} feature '{self.name}' needs embedding_dim")
+            if self.dim != 1:
+                raise ValueError(f"{self.type.value} feature '{self.name}' takes no dim (got {self.dim}); use embedding_dim")
+        else:
+            for field in ("vocab_size", "hash_buckets", "embedding_dim", "table", "max_len"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"dense feature '{self.name}' takes no {field} (got {getattr(self, field)})")
+        needs_len = self.type in (FeatureType.sequence, FeatureType.multi_categorical)
+        if needs_len and self.max_len is None:
+            raise ValueError(f"{self.type.value} feature '{self.name}' needs max_len")
+        if not needs_len and self.max_len is not None:
+            raise ValueError(f"{self.type.value} feature '{self.name}' takes no max_len (got {self.max_len})")
+        return self
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+    @property
+    def n_ids(self) -> int:
+        """Rows of the embedding table (vocabulary or hash buckets)."""
+        assert self.type is not FeatureType.dense
+        return int(self.vocab_size or self.hash_buckets)
+
+
+class FeatureSchema(StrictModel):
+    groups: list[TokenGroup] = Field(min_length=1)
+    features: list[Feature] = Field(min_length=2)
+
+    @field_validator("groups")
+    @classmethod
+    def _unique_groups(cls, groups: list[TokenGroup]) -> list[TokenGroup]:
+        seen: set[str] = set()
+        for g in groups:
+            if g.name in seen:
+                raise ValueError(f"duplicate token group '{g.name}'")
+            seen.add(g.name)
+        return groups
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "FeatureSchema":
+        names: set[str] = set()
+        group_names = {g.name for g in self.groups}
+        sides = {g.name: g.side for g in self.groups}
+        tables: dict[str, Feature] = {}
+        for f in self.features:
+            if f.name in names:
+                raise ValueError(f"duplicate feature name '{f.name}'")
+            names.add(f.name)
+            if f.group is not None and f.group not in group_names:
+                raise ValueError(f"feature '{f.name}' references unknown token group '{f.group}' (known: {sorted(group_names)})")
+            if f.group is not None and sides[f.group] is GroupSide.user and f.role in (FeatureRole.item, FeatureRole.context):
+                raise ValueError(f"{f.role.value} feature '{f.name}' cannot sit in user-side group '{f.group}'")
+            if f.type is not FeatureType.dense:
+                other = tables.setdefault(f.table_name, f)
+                if (other.n_ids, other.embedding_dim) != (f.n_ids, f.embedding_dim):
+                    raise ValueError(
+                        f"features '{other.name}' and '{f.name}' share table '{f.table_name}' but differ in size: "
+                        f"{other.n_ids}x{other.embedding_dim} vs {f.n_ids}x{f.embedding_dim}")
+        if not self.labels:
+            raise ValueError("the feature schema needs at least one feature with role 'label'")
+        used = {f.group for f in self.features if f.group is not None}
+        empty = [g for g in sorted(group_names) if g not in used]
+        if empty:
+            raise ValueError(f"token groups without features: {empty}")
+        return self
+
+    @property
+    def labels(self) -> list[Feature]:
+        return [f for f in self.features if f.role is FeatureRole.label]
+
+    @property
+    def inputs(self) -> list[Feature]:
+        return [f for f in self.features if f.role is not FeatureRole.label]
+
+    def group_features(self, group: str) -> list[Feature]:
+        return [f for f in self.features if f.group == group]
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+class StorageConfig(StrictModel):
+    """Object-store endpoint. Credentials come from the environment only (AWS_ACCESS_KEY_ID, ...)."""
+
+    endpoint_url: Optional[Annotated[str, Field(pattern=r"^https?://[^\s/]+(/.*)?$")]] = None
+    region: Annotated[str, Field(min_length=1, max_length=64)] = "us-east-1"
+
+
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
+
+
+def check_uri(value: str) -> str:
+    """Local path, file:// or s3://bucket/prefix; other schemes are rejected by name."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", value)
+    if m and m.group(1) not in ("s3", "file"):
+        raise ValueError(f"unsupported URI scheme '{m.group(1)}://' in '{value}' (use a local path, file:// or s3://)")
+    if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value):
+        raise ValueError(f"invalid S3 bucket in '{value}' (bucket names are 3-63 lowercase letters, digits, '.' or '-')")
+    if not value.strip():
+        raise ValueError("empty URI")
+    return value
+
+
+Uri = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class SplitName(str, Enum):
+    train = "train"
+    valid = "valid"
+    test = "test"
+
+
+class DatasetConfig(StrictModel):
+    """Where a prepared dataset lives: `<uri>/_manifest.json` names the current version's files."""
+
+    uri: Uri
+    format: str = Field(default="parquet", pattern=r"^parquet$")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)

@@ -1,0 +1,87 @@
+"""`kind: prepare`: turn a source (MovieLens-100K, synthetic, or any parquet) into a prepared dataset."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import StrictModel
+from .data import DatasetConfig, FeatureSchema, StorageConfig, Uri, check_uri
+
+
+class ChecksumPolicy(str, Enum):
+    """`if_present`: verify SHA256SUMS when the folder has one; `required`: fail without it; `off`."""
+
+    if_present = "if_present"
+    required = "required"
+    off = "off"
+
+
+class SplitFractions(StrictModel):
+    """Global time-ordered split by position after sorting rows by (timestamp, user, item)."""
+
+    train: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    valid: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitFractions":
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split fractions must sum to 1, got {self.train} + {self.valid} + {self.test} = {total:g}")
+        return self
+
+
+class MovieLensSource(StrictModel):
+    type: Literal["movielens100k"]
+    path: Annotated[str, Field(min_length=1)]
+    checksums: ChecksumPolicy = ChecksumPolicy.if_present
+    history_len: Annotated[int, Field(gt=0, le=1000)] = 50
+
+
+class SyntheticSource(StrictModel):
+    """Zipf-distributed ids, labels from a planted user x item interaction plus noise."""
+
+    type: Literal["synthetic"]
+    n_rows: Annotated[int, Field(gt=0, le=10_000_000_000)]
+    n_users: Annotated[int, Field(gt=1)] = 100_000
+    n_items: Annotated[int, Field(gt=1)] = 50_000
+    zipf_exponent: Annotated[float, Field(gt=0, le=5)] = 1.05
+    seed: Annotated[int, Field(ge=0)] = 0
+    chunk_rows: Annotated[int, Field(gt=0, le=50_000_000)] = 1_000_000
+    history_len: Annotated[int, Field(gt=0, le=1000)] = 50
+    noise: Annotated[float, Field(ge=0, le=10)] = 1.0
+
+
+class ParquetSource(StrictModel):
+    """Any parquet dataset whose columns are declared in `features` (plus `timestamp` when split by time)."""
+
+    type: Literal["parquet"]
+    uri: Uri
+    timestamp_column: Optional[Annotated[str, Field(min_length=1)]] = "timestamp"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)
+
+
+Source = Annotated[Union[MovieLensSource, SyntheticSource, ParquetSource], Field(discriminator="type")]
+
+
+class PrepareSpec(StrictModel):
+    kind: Literal["prepare"]
+    source: Source
+    output: DatasetConfig
+    # Built-in sources carry their own schema; a parquet source must declare it.
+    features: Optional[FeatureSchema] = None
+    splits: SplitFractions = SplitFractions()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _schema_needed(self) -> "PrepareSpec":
+        if isinstance(self.source, ParquetSource) and self.features is None:
+            raise ValueError("a parquet source needs 'features' declaring its columns")
+        return self

@@ -1,0 +1,87 @@
+"""Shared test fixtures: one Ray cluster and one S3-compatible server per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ML100K = SHARED / "data" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    if not (ML100K / "u.data").is_file():
+        pytest.skip(f"MovieLens-100K not found at {ML100K}")
+    return ML100K
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The one Ray cluster of a test session (4 logical CPUs on 2 cores leaves room for Ray Data)."""
+    from recmix.platform import cluster
+    from recmix.platform.specs.cluster import ClusterConfig
+
+    ctx = cluster.connect(ClusterConfig(num_cpus=4), include_dashboard=False)
+    yield ctx
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server as a subprocess on a free 127.0.0.1 port; yields its endpoint URL."""
+    from recmix.platform.cluster import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the session's S3 server."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"recmix-{uuid.uuid4().hex[:12]}"
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
+                           access_key="testing", secret_key="testing")
+    fs.create_dir(name)
+    return name
