@@ -42,16 +42,20 @@ class MovieLensSource(StrictModel):
 
 
 class SyntheticSource(StrictModel):
-    """Zipf-distributed ids, labels from a planted user x item interaction plus noise."""
+    """Zipf-distributed ids, labels from a planted user x item interaction plus noise (docs/data.md)."""
 
     type: Literal["synthetic"]
     n_rows: Annotated[int, Field(gt=0, le=10_000_000_000)]
-    n_users: Annotated[int, Field(gt=1)] = 100_000
-    n_items: Annotated[int, Field(gt=1)] = 50_000
+    n_users: Annotated[int, Field(gt=1, le=100_000_000)] = 100_000
+    n_items: Annotated[int, Field(gt=1, le=100_000_000)] = 50_000
     zipf_exponent: Annotated[float, Field(gt=0, le=5)] = 1.05
     seed: Annotated[int, Field(ge=0)] = 0
+    # Each chunk is generated and written independently (one Ray task, one file per split it touches).
     chunk_rows: Annotated[int, Field(gt=0, le=50_000_000)] = 1_000_000
     history_len: Annotated[int, Field(gt=0, le=1000)] = 50
+    # Rank of the planted user x item interaction (latent vectors of this length per id).
+    rank: Annotated[int, Field(gt=0, le=256)] = 8
+    # Standard deviation of the Gaussian noise added to the label logit (the interaction has std 1).
     noise: Annotated[float, Field(ge=0, le=10)] = 1.0
 
 
@@ -60,7 +64,11 @@ class ParquetSource(StrictModel):
 
     type: Literal["parquet"]
     uri: Uri
-    timestamp_column: Optional[Annotated[str, Field(min_length=1)]] = "timestamp"
+    # Integer unix seconds (or an arrow timestamp); rows are split by it, and it becomes `timestamp`.
+    timestamp_column: Annotated[str, Field(min_length=1, max_length=256)] = "timestamp"
+    # Integer raw user id; becomes `user_key` (UG-Sep groups a user's candidates by it).
+    user_key_column: Annotated[str, Field(min_length=1, max_length=256)] = "user_key"
+    rows_per_file: Annotated[int, Field(gt=0, le=100_000_000)] = 1_000_000
 
     @field_validator("uri")
     @classmethod
@@ -69,6 +77,9 @@ class ParquetSource(StrictModel):
 
 
 Source = Annotated[Union[MovieLensSource, SyntheticSource, ParquetSource], Field(discriminator="type")]
+
+
+RESERVED_COLUMNS = ("timestamp", "user_key")
 
 
 class PrepareSpec(StrictModel):
@@ -84,4 +95,8 @@ class PrepareSpec(StrictModel):
     def _schema_needed(self) -> "PrepareSpec":
         if isinstance(self.source, ParquetSource) and self.features is None:
             raise ValueError("a parquet source needs 'features' declaring its columns")
+        if self.features is not None:
+            clash = [f.name for f in self.features.features if f.name in RESERVED_COLUMNS]
+            if clash:
+                raise ValueError(f"feature names {clash} are reserved for the dataset's own columns {list(RESERVED_COLUMNS)}")
         return self
