@@ -1,0 +1,64 @@
+"""The built-in feature schema shared by the MovieLens-100K and synthetic sources.
+
+Id conventions (docs/data.md): user and item ids start at 1, so id 0 is free for padding in sequences;
+every other categorical uses the ids [0, vocab_size).
+"""
+
+from __future__ import annotations
+
+from recmix.platform.specs.data import FeatureSchema
+
+EMBEDDING_DIM = 16
+N_GENRES = 19
+N_OCCUPATIONS = 21
+AGE_BUCKETS = 10          # age // 10, ages 0..99
+ZIP_BUCKETS = 1000        # zip[:3] hashed by the model into this many buckets
+RATING_VOCAB = 6          # ratings 1..5, 0 free for padding
+# year // 5 mapped to 1..YEAR_BUCKETS-1 from 1900 (earlier years clip to 1, later to the last); 0 = unknown.
+YEAR_BASE = 1900 // 5
+YEAR_BUCKETS = 26
+
+
+def year_bucket(year):
+    """Release year -> bucket id; `year` is a float array with NaN for unknown."""
+    import numpy as np
+
+    y = np.asarray(year, dtype=np.float64)
+    b = np.clip(np.floor(np.nan_to_num(y, nan=0.0) / 5) - YEAR_BASE + 1, 1, YEAR_BUCKETS - 1).astype(np.int64)
+    return np.where(np.isnan(y), 0, b)
+
+
+def builtin_schema(n_users: int, n_items: int, history_len: int) -> FeatureSchema:
+    """Groups user/history (user side) and item/context (candidate side), label `label`."""
+    d = EMBEDDING_DIM
+
+    def cat(name, role, group, vocab=None, buckets=None, **kw):
+        return {"name": name, "role": role, "type": "categorical", "vocab_size": vocab, "hash_buckets": buckets,
+                "embedding_dim": d, "group": group, **kw}
+
+    return FeatureSchema.model_validate({
+        "groups": [
+            {"name": "user", "side": "user"},
+            {"name": "history", "side": "user"},
+            {"name": "item", "side": "candidate"},
+            {"name": "context", "side": "candidate"},
+        ],
+        "features": [
+            cat("user_id", "user", "user", vocab=n_users + 1),
+            cat("age_bucket", "user", "user", vocab=AGE_BUCKETS),
+            cat("gender", "user", "user", vocab=2),
+            cat("occupation", "user", "user", vocab=N_OCCUPATIONS),
+            cat("zip_prefix", "user", "user", buckets=ZIP_BUCKETS),
+            {"name": "hist_items", "role": "sequence", "type": "sequence", "vocab_size": n_items + 1,
+             "embedding_dim": d, "table": "item_id", "group": "history", "max_len": history_len},
+            {"name": "hist_ratings", "role": "sequence", "type": "sequence", "vocab_size": RATING_VOCAB,
+             "embedding_dim": d, "group": "history", "max_len": history_len},
+            cat("item_id", "item", "item", vocab=n_items + 1),
+            {"name": "genres", "role": "item", "type": "multi_categorical", "vocab_size": N_GENRES,
+             "embedding_dim": d, "group": "item", "max_len": N_GENRES},
+            cat("year_bucket", "item", "item", vocab=YEAR_BUCKETS),
+            cat("hour", "context", "context", vocab=24),
+            cat("weekday", "context", "context", vocab=7),
+            {"name": "label", "role": "label", "type": "dense"},
+        ],
+    })
