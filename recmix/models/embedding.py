@@ -38,3 +38,94 @@ class EmbeddingLookup(nn.Module):
 
     def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+# --- local backend ------------------------------------------------------------------------------------
+
+_C1 = 0xBF58476D1CE4E5B9 - (1 << 64)   # splitmix64 constants as signed int64 (two's complement)
+_C2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 viewed as uint64 (torch's >> on int64 is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def bucket_torch(ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """`recmix.platform.hashing.bucket` in torch int64 arithmetic (multiplication wraps mod 2^64).
+
+    uint64 u mod n is computed as ((u >> 1) mod n * 2 + (u & 1)) mod n so every step stays non-negative.
+    """
+    z = ids.to(torch.int64)
+    z = z ^ _srl(z, 30)
+    z = z * _C1
+    z = z ^ _srl(z, 27)
+    z = z * _C2
+    z = z ^ _srl(z, 31)
+    half = _srl(z, 1) % n_buckets
+    return (half * 2 + (z & 1)) % n_buckets
+
+
+class LocalEmbeddingLookup(EmbeddingLookup):
+    """torch tables inside the model; hashed tables bucket raw ids with splitmix64 first."""
+
+    def __init__(self, tables: dict[str, TableSpec], init_std: float = 0.01):
+        super().__init__(tables)
+        self.emb = nn.ModuleDict({name: nn.Embedding(t.n_ids, t.dim) for name, t in self.tables.items()})
+        for e in self.emb.values():
+            nn.init.normal_(e.weight, 0.0, init_std)
+
+    def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        spec = self.tables[table]
+        if spec.hashed:
+            ids = bucket_torch(ids, spec.n_ids)
+        elif ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= spec.n_ids):
+            raise ValueError(f"table '{table}': ids must lie in [0, {spec.n_ids}), got [{int(ids.min())}, {int(ids.max())}]")
+        return self.emb[table](ids)
+
+
+def tables_from_schema(schema) -> dict[str, TableSpec]:
+    """One TableSpec per distinct table of a FeatureSchema (features may share a table)."""
+    out: dict[str, TableSpec] = {}
+    for f in schema.inputs:
+        if f.type.value == "dense":
+            continue
+        out.setdefault(f.table_name, TableSpec(f.table_name, f.n_ids, int(f.embedding_dim), f.hash_buckets is not None))
+    return out
+
+
+class FeatureEncoder(nn.Module):
+    """Batch dict -> one vector per input feature, (B, width).
+
+    categorical ids (B,) -> row; multi_categorical / sequence ids (B, L) padded with -1 -> masked mean or sum
+    of the rows of the valid ids (only valid ids reach `lookup`); dense (B,) or (B, dim) -> as is.
+    """
+
+    def __init__(self, schema, lookup: EmbeddingLookup, seq_pooling: str = "mean"):
+        super().__init__()
+        if seq_pooling not in ("mean", "sum"):
+            raise ValueError(f"unknown seq_pooling '{seq_pooling}' (known: mean, sum)")
+        self.features = list(schema.inputs)
+        self.lookup = lookup
+        self.seq_pooling = seq_pooling
+        self.widths = {f.name: int(f.embedding_dim) if f.type.value != "dense" else f.dim for f in self.features}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in self.features:
+            x = batch[f.name]
+            kind = f.type.value
+            if kind == "dense":
+                out[f.name] = x.to(torch.float32).reshape(x.shape[0], f.dim)
+            elif kind == "categorical":
+                out[f.name] = self.lookup.lookup(f.table_name, x)
+            else:
+                mask_BL = x >= 0
+                rows_NE = self.lookup.lookup(f.table_name, x[mask_BL])
+                full_BLE = rows_NE.new_zeros((*x.shape, rows_NE.shape[-1]))
+                full_BLE = full_BLE.index_put((mask_BL,), rows_NE)
+                pooled_BE = full_BLE.sum(1)
+                if self.seq_pooling == "mean":
+                    pooled_BE = pooled_BE / mask_BL.sum(1, keepdim=True).clamp(min=1).to(pooled_BE.dtype)
+                out[f.name] = pooled_BE
+        return out
