@@ -1,0 +1,123 @@
+"""The `EmbeddingShard` Ray actor (a `ShardCore` plus metrics) and the one way shards are created.
+
+Fault tolerance (ray.md 12): shards run with `max_restarts` (default -1: always restart) and
+`max_task_retries=3` for reads; `push` / `push_deltas` are never retried (`max_task_retries=0`):
+a push that was applied but not acknowledged must not be applied twice. A restarted shard reopens its
+LMDB environment (same path: the path is fixed at creation, not in the actor) and, when that is empty
+and `restore_from` is set, loads its rows from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import ray
+
+from recmix.actors.shard import ShardCore
+from recmix.platform.specs.embedding import EmbeddingConfig
+
+METRICS_EVERY_S = 1.0
+
+
+@ray.remote
+class EmbeddingShard:
+    def __init__(self, cfg: EmbeddingConfig, shard_id: int, n_shards: int, root: str):
+        from recmix.actors.metrics import ShardMetrics
+
+        self.core = ShardCore(cfg, shard_id, n_shards, root)
+        self.restored_rows = 0
+        if cfg.restore_from and all(self.core.lmdb.count(t) == 0 for t in self.core.dims):
+            from recmix.actors.checkpoint import load_into_shard
+
+            self.restored_rows = load_into_shard(self.core, cfg.restore_from)
+        self.metrics = ShardMetrics(shard_id)
+        self.metrics_at = 0.0
+        self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def _timed(self, op: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        t1 = time.perf_counter()
+        self.metrics.observe(op, t1 - t0)
+        if t1 - self.metrics_at > METRICS_EVERY_S:
+            self.metrics.update(self.core.counts())
+            self.metrics_at = t1
+        return out
+
+    def pull(self, req: dict, with_state: bool = False) -> dict:
+        return self._timed("pull", self.core.pull, req, with_state)
+
+    @ray.method(max_task_retries=0)
+    def push(self, req: dict) -> int:
+        return self._timed("push", self.core.push, req)
+
+    @ray.method(max_task_retries=0)
+    def push_deltas(self, req: dict) -> int:
+        return self._timed("push", self.core.push_deltas, req)
+
+    def end_pass(self) -> dict:
+        out = self.core.end_pass()
+        self.metrics.update(self.core.counts())
+        return out
+
+    def flush(self) -> int:
+        return self.core.flush()
+
+    def drop_ram(self) -> None:
+        self.core.drop_ram()
+
+    def dump(self, table: str):
+        return self.core.dump(table)
+
+    def admission_state(self) -> dict:
+        return self.core.admission.state()
+
+    def load(self, table: str, ids, rows) -> int:
+        return self.core.load(table, ids, rows)
+
+    def load_admission(self, table: str, counters) -> None:
+        self.core.admission.merge(table, counters)
+
+    def counts(self) -> dict:
+        return self.core.counts()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "pass": self.core.pass_id, "path": self.core.path,
+                "reconstructed": self.reconstructed, "restored_rows": self.restored_rows,
+                "lmdb_writes": self.core.lmdb.writes, "lmdb_write_txns": self.core.lmdb.write_txns}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def memory(self) -> dict:
+        """Resident memory of this process from /proc (anonymous vs file-backed, e.g. LMDB's mmap)."""
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS", "RssAnon", "RssFile", "VmHWM")):
+                    k, v = line.split(":")
+                    out[k] = int(v.split()[0]) * 1024
+        return out
+
+
+def shard_names(cfg: EmbeddingConfig) -> list[str]:
+    return [f"{cfg.name}-shard-{i}" for i in range(cfg.shards)]
+
+
+def create_shards(cfg: EmbeddingConfig, root: str | None = None) -> tuple[list, str]:
+    """Start cfg.shards named actors; returns (handles, LMDB root). Waits until all are up."""
+    root = root or cfg.lmdb_path or tempfile.mkdtemp(prefix=f"recmix-{cfg.name}-")
+    handles = []
+    for i, name in enumerate(shard_names(cfg)):
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"an embedding shard named '{name}' already exists; choose another embedding.name")
+        handles.append(EmbeddingShard.options(name=name, num_cpus=cfg.num_cpus, max_restarts=cfg.max_restarts,
+                                              max_task_retries=3).remote(cfg, i, cfg.shards, root))
+    ray.get([h.pid.remote() for h in handles])
+    return handles, root

@@ -1,0 +1,92 @@
+"""The LMDB tier (T2) of one shard: one environment, one named database per table, a `_meta` database.
+
+Every access is batched: `getmulti` for reads, one sorted `putmulti` write transaction per flush
+(storage.md 2.4, invariant 12). Keys are 8-byte big-endian ids, values packed rows (rows.py). From
+CPython LMDB costs ~2 us per key (storage.md 9.2), so it is the cold tier, never the per-batch hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import lmdb
+import numpy as np
+
+from recmix.actors.rows import ids_of, keys_of, rows_of, values_of
+
+SCAN_CHUNK = 1 << 18
+
+
+class LmdbTier:
+    def __init__(self, path: str, tables: dict[str, np.dtype], map_size: int, sync: bool):
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.sync = sync
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=len(tables) + 1, sync=sync, metasync=sync,
+                             readahead=False)
+        self.dtypes = dict(tables)
+        self.dbs = {t: self.env.open_db(t.encode()) for t in tables}
+        self.meta = self.env.open_db(b"_meta")
+        self.writes = 0          # rows written, for tests of "clean rows are never rewritten"
+        self.write_txns = 0
+
+    def get(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask over ids, rows of the found ids in ids order). ids must be sorted ascending."""
+        found = np.zeros(ids.shape[0], bool)
+        if ids.shape[0] == 0:
+            return found, np.empty(0, self.dtypes[table])
+        with self.env.begin(db=self.dbs[table], buffers=False) as txn:
+            hits = txn.cursor().getmulti(keys_of(ids))
+        if not hits:
+            return found, np.empty(0, self.dtypes[table])
+        ks, vs = zip(*hits)
+        fid = ids_of(ks)
+        found[np.searchsorted(ids, fid)] = True
+        return found, rows_of(vs, self.dtypes[table])
+
+    def put(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
+        """One write transaction, keys in ascending order (sequential in the B-tree)."""
+        if ids.shape[0] == 0:
+            return
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], rows[order]
+        with self.env.begin(write=True, db=self.dbs[table]) as txn:
+            txn.cursor().putmulti(zip(keys_of(ids), values_of(rows)))
+        self.writes += ids.shape[0]
+        self.write_txns += 1
+
+    def delete(self, table: str, ids: np.ndarray) -> int:
+        """Expiry only (periodic): LMDB has no batched delete, so this is one C call per key in one txn."""
+        if ids.shape[0] == 0:
+            return 0
+        with self.env.begin(write=True, db=self.dbs[table]) as txn:
+            n = sum(map(txn.delete, keys_of(np.sort(ids))))
+        return int(n)
+
+    def count(self, table: str) -> int:
+        with self.env.begin(db=self.dbs[table]) as txn:
+            return int(txn.stat(self.dbs[table])["entries"])
+
+    def scan(self, table: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All rows of a table in id order, in chunks of SCAN_CHUNK."""
+        with self.env.begin(db=self.dbs[table]) as txn:
+            it = txn.cursor().iternext(keys=True, values=True)
+            while True:
+                chunk = [kv for _, kv in zip(range(SCAN_CHUNK), it)]
+                if not chunk:
+                    return
+                ks, vs = zip(*chunk)
+                yield ids_of(ks), rows_of(vs, self.dtypes[table])
+
+    def get_meta(self, key: str, default: int) -> int:
+        with self.env.begin(db=self.meta) as txn:
+            v = txn.get(key.encode())
+        return default if v is None else int(v)
+
+    def put_meta(self, key: str, value: int) -> None:
+        with self.env.begin(write=True, db=self.meta) as txn:
+            txn.put(key.encode(), str(int(value)).encode())
+
+    def close(self) -> None:
+        self.env.close()

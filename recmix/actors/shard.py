@@ -1,0 +1,283 @@
+"""One embedding shard: RAM tier over an LMDB tier, admission, eviction, expiry, row-wise optimizers.
+
+`ShardCore` is plain Python (the Ray actor in `actor.py` wraps it). Every request carries all tables
+of a batch for this shard: {table: ids} (pull) or {table: (ids, grads)} (push). Requests are validated
+completely before anything changes, so bad input leaves the shard as it was.
+
+Tier rules (storage.md 2.5): a DIRTY RAM row is authoritative, otherwise LMDB is; promotion copies;
+demotion of a clean row only frees its slot; dirty rows reach LMDB on eviction, at pass end, on flush
+(checkpoints) or, with `durability: write_through`, before a push is acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from recmix.actors import optim
+from recmix.actors.admission import Admission
+from recmix.actors.lmdb_tier import LmdbTier
+from recmix.actors.ram_tier import DIRTY, SEEN, RamTable
+from recmix.actors.rows import check_ids, check_rows, init_values, row_dtype, segment_sum, state_width
+from recmix.platform.specs.embedding import Durability, EmbeddingConfig, Eviction, ExpiryOff, ExpiryPasses
+
+STAT_KEYS = ("ram_hits", "lmdb_hits", "misses", "admitted", "rejected", "evicted", "written", "expired",
+             "pulled", "pushed")
+
+
+def _sorted_unique(ids: np.ndarray) -> bool:
+    return ids.shape[0] < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+class ShardCore:
+    def __init__(self, cfg: EmbeddingConfig, shard_id: int, n_shards: int, root: str):
+        self.cfg, self.shard_id, self.n_shards = cfg, shard_id, n_shards
+        self.dims = {t.name: t.dim for t in cfg.tables}
+        self.inits = {t.name: t.initializer for t in cfg.tables}
+        self.swidth = {t: state_width(cfg.optimizer, d) for t, d in self.dims.items()}
+        self.dtypes = {t: row_dtype(d, self.swidth[t]) for t, d in self.dims.items()}
+        self.ram = {t: RamTable(cfg.ram_rows, d, self.swidth[t], self.dtypes[t]) for t, d in self.dims.items()}
+        self.durable = cfg.durability is Durability.write_through
+        self.path = os.path.join(root, f"shard-{shard_id}")
+        self.lmdb = LmdbTier(self.path, self.dtypes, cfg.map_size, sync=self.durable)
+        self.pass_id = self.lmdb.get_meta("pass", 0)
+        self.admission = Admission(cfg.admission, cfg.seed, shard_id)
+        self.tick = 0
+        self.stats = {t: dict.fromkeys(STAT_KEYS, 0) for t in self.dims}
+        self.flush_seen = not isinstance(cfg.expiry, ExpiryOff)   # keep LMDB sighting meta current for expiry
+
+    # ---- validation --------------------------------------------------------------------------
+    def _table(self, table) -> str:
+        if table not in self.dims:
+            raise ValueError(f"unknown embedding table '{table}' (known: {', '.join(self.dims)})")
+        return table
+
+    def _check_budget(self, sizes: dict[str, int]) -> None:
+        total = sum(sizes.values())
+        if total > self.cfg.ram_rows:
+            raise ValueError(f"shard {self.shard_id}: one request holds {total} unique ids, more than the RAM "
+                             f"budget ram_rows={self.cfg.ram_rows}; split it into smaller requests")
+
+    # ---- residency ---------------------------------------------------------------------------
+    def _rows_total(self) -> int:
+        return sum(r.rows for r in self.ram.values())
+
+    def _make_room(self, n_new: int) -> None:
+        """Evict (LRU or LFU) so that n_new rows fit; rows touched by the current request are kept."""
+        cap = self.cfg.ram_rows
+        have = self._rows_total()
+        if have + n_new <= cap:
+            return
+        n_evict = max(have + n_new - cap, have + n_new - int(self.cfg.evict_to * cap))
+        cands = []
+        for ti, (t, ram) in enumerate(self.ram.items()):
+            used = ram.used()
+            used = used[ram.tick[used] != self.tick]
+            primary = ram.tick[used] if self.cfg.eviction is Eviction.lru else ram.count[used]
+            cands.append((np.full(used.shape[0], ti), used, primary, ram.tick[used]))
+        tix, slots, primary, tick = (np.concatenate(c) for c in zip(*cands))
+        n_evict = min(n_evict, slots.shape[0])
+        assert have + n_new - n_evict <= cap, "request larger than the RAM budget passed validation"
+        if n_evict < slots.shape[0]:
+            key = primary.astype(np.float64) * 2.0 ** 32 + tick if self.cfg.eviction is Eviction.lfu else primary
+            pick = np.argpartition(key, n_evict - 1)[:n_evict]
+        else:
+            pick = np.arange(slots.shape[0])
+        for ti, t in enumerate(self.ram):
+            sel = slots[pick[tix[pick] == ti]]
+            if sel.shape[0]:
+                self._demote(t, sel)
+
+    def _demote(self, table: str, slots: np.ndarray) -> None:
+        ram = self.ram[table]
+        mask = DIRTY | SEEN if self.flush_seen else DIRTY
+        w = slots[(ram.flags[slots] & mask) != 0]
+        if w.shape[0]:
+            self.lmdb.put(table, ram.ids[w], ram.export(w))
+            self.stats[table]["written"] += int(w.shape[0])
+        ram.remove(slots)
+        self.stats[table]["evicted"] += int(slots.shape[0])
+
+    def _resolve(self, table: str, u: np.ndarray, admit: bool, now: float, count: bool) -> np.ndarray:
+        """Slots of sorted unique ids u (-1 = not stored and not admitted); promotes and creates rows."""
+        ram, st = self.ram[table], self.stats[table]
+        slots = ram.lookup(u)
+        hit = slots >= 0
+        ram.touch(slots[hit], self.tick, self.pass_id, now, count)
+        st["ram_hits"] += int(hit.sum())
+        miss = np.flatnonzero(~hit)
+        if miss.shape[0] == 0:
+            return slots
+        mids = u[miss]
+        found, frows = self.lmdb.get(table, mids)
+        st["lmdb_hits"] += int(found.shape[0] and found.sum())
+        absent = np.flatnonzero(~found)
+        st["misses"] += int(absent.shape[0])
+        new = absent[self.admission.admit(table, mids[absent])] if admit else absent[:0]
+        st["admitted"] += int(new.shape[0])
+        st["rejected"] += int(absent.shape[0] - new.shape[0])
+        self._make_room(int(found.sum()) + new.shape[0])
+        if frows.shape[0]:
+            slots[miss[found]] = ram.add(mids[found], frows, np.uint8(0))
+        if new.shape[0]:
+            nid = mids[new]
+            rows = np.zeros(nid.shape[0], self.dtypes[table])
+            rows["v"] = init_values(self.inits[table], self.cfg.seed, table, nid, self.dims[table])
+            slots[miss[new]] = ram.add(nid, rows, DIRTY)
+        fresh = slots[miss][slots[miss] >= 0]
+        ram.touch(fresh, self.tick, self.pass_id, now, count)
+        return slots
+
+    # ---- API ---------------------------------------------------------------------------------
+    def pull(self, req: dict, with_state: bool = False) -> dict:
+        """{table: ids} -> {table: (values [n, E], admitted [n], state [n, S] or None)} in ids order."""
+        prepared = {}
+        for table, ids in req.items():
+            ids = check_ids(self._table(table), ids)
+            if _sorted_unique(ids):
+                prepared[table] = (ids, None)
+            else:
+                prepared[table] = np.unique(ids, return_inverse=True)
+        self._check_budget({t: u.shape[0] for t, (u, _) in prepared.items()})
+        self.tick += 1
+        now = time.time()
+        out = {}
+        for table, (u, inv) in prepared.items():
+            slots = self._resolve(table, u, admit=True, now=now, count=True)
+            ram = self.ram[table]
+            ok = slots >= 0
+            if ok.all():
+                vals = ram.values[slots]
+                state = ram.state[slots] if with_state else None
+            else:
+                vals = np.zeros((u.shape[0], self.dims[table]), np.float32)
+                vals[ok] = ram.values[slots[ok]]
+                state = None
+                if with_state:
+                    state = np.zeros((u.shape[0], self.swidth[table]), np.float32)
+                    state[ok] = ram.state[slots[ok]]
+            if inv is not None:
+                vals, ok = vals[inv], ok[inv]
+                state = state[inv] if state is not None else None
+            self.stats[table]["pulled"] += int(u.shape[0])
+            out[table] = (vals, ok, state)
+        return out
+
+    def push(self, req: dict) -> int:
+        """{table: (ids, grads [n, E])}: sum duplicates, run the row-wise optimizer on stored rows."""
+        checked = {}
+        for table, (ids, grads) in req.items():
+            ids = check_ids(self._table(table), ids)
+            checked[table] = segment_sum(ids, check_rows(table, "gradients", grads, ids.shape[0], self.dims[table]))
+        self._check_budget({t: u.shape[0] for t, (u, _) in checked.items()})
+        return self._update(checked, lambda w, s, g: optim.apply(self.cfg.optimizer, w, s, g))
+
+    def push_deltas(self, req: dict) -> int:
+        """{table: (ids, dvalues [n, E], dstate [n, S])}: add working-set deltas (pass mode, storage.md 2.2)."""
+        checked = {}
+        for table, (ids, dv, ds) in req.items():
+            ids = check_ids(self._table(table), ids)
+            dv = check_rows(table, "value deltas", dv, ids.shape[0], self.dims[table])
+            ds = check_rows(table, "state deltas", ds, ids.shape[0], self.swidth[table])
+            checked[table] = segment_sum(ids, np.concatenate([dv, ds], axis=1))
+        self._check_budget({t: u.shape[0] for t, (u, _) in checked.items()})
+        return self._update(checked, lambda w, s, d: (w + d[:, :w.shape[1]], s + d[:, w.shape[1]:]))
+
+    def _update(self, checked: dict, step) -> int:
+        self.tick += 1
+        now = time.time()
+        applied = 0
+        for table, (u, x) in checked.items():
+            slots = self._resolve(table, u, admit=False, now=now, count=False)
+            ok = slots >= 0
+            s = slots[ok]
+            ram = self.ram[table]
+            w, st = step(torch.from_numpy(ram.values[s]), torch.from_numpy(ram.state[s]), torch.from_numpy(x[ok]))
+            ram.values[s] = w.numpy()
+            ram.state[s] = st.numpy()
+            ram.flags[s] |= DIRTY
+            if self.durable:
+                self._write(table, s)
+            applied += int(s.shape[0])
+            self.stats[table]["pushed"] += int(s.shape[0])
+        return applied
+
+    def _write(self, table: str, slots: np.ndarray) -> None:
+        ram = self.ram[table]
+        self.lmdb.put(table, ram.ids[slots], ram.export(slots))
+        ram.flags[slots] = 0
+        self.stats[table]["written"] += int(slots.shape[0])
+
+    def flush(self) -> int:
+        """Write every dirty RAM row (and, with expiry on, rows with new sightings) to LMDB."""
+        mask = DIRTY | SEEN if self.flush_seen else DIRTY
+        n = 0
+        for table, ram in self.ram.items():
+            used = ram.used()
+            w = used[(ram.flags[used] & mask) != 0]
+            if w.shape[0]:
+                self._write(table, w)
+                n += int(w.shape[0])
+        return n
+
+    def end_pass(self) -> dict:
+        """Pass boundary: advance the pass id, flush dirty rows, run expiry."""
+        self.pass_id += 1
+        self.flush()
+        self.lmdb.put_meta("pass", self.pass_id)
+        return {"pass": self.pass_id, "expired": self.expire()}
+
+    def expire(self) -> int:
+        cfg = self.cfg.expiry
+        if isinstance(cfg, ExpiryOff):
+            return 0
+        by_pass = isinstance(cfg, ExpiryPasses)
+        limit = self.pass_id - cfg.after if by_pass else time.time() - cfg.after
+        total = 0
+        for table, ram in self.ram.items():
+            used = ram.used()
+            last = ram.pass_[used] if by_pass else ram.time[used]
+            gone = used[last < limit]
+            dead = [ram.ids[gone]]
+            ram.remove(gone)
+            for ids, rows in self.lmdb.scan(table):
+                old = ids[(rows["pass"] if by_pass else rows["time"]) < limit]
+                dead.append(old[ram.lookup(old) < 0])      # a resident row is authoritative
+            dead_ids = np.concatenate(dead)
+            self.lmdb.delete(table, dead_ids)
+            self.stats[table]["expired"] += int(np.unique(dead_ids).shape[0])
+            total += int(np.unique(dead_ids).shape[0])
+        return total
+
+    def drop_ram(self) -> None:
+        """Flush, then empty the RAM tier (benchmarks of the cold path; restores)."""
+        self.flush()
+        for ram in self.ram.values():
+            ram.remove(ram.used())
+
+    def dump(self, table: str):
+        """(ids, rows) of every stored row of a table, after a flush (checkpoints)."""
+        self._table(table)
+        self.flush()
+        parts = list(self.lmdb.scan(table))
+        if not parts:
+            return np.empty(0, np.int64), np.empty(0, self.dtypes[table])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def load(self, table: str, ids: np.ndarray, rows: np.ndarray) -> int:
+        """Store rows (checkpoint restore): they replace any resident copy."""
+        ids = check_ids(self._table(table), ids)
+        if rows.dtype != self.dtypes[table] or rows.shape != ids.shape:
+            raise ValueError(f"table '{table}': rows must be {ids.shape[0]} records of {self.dtypes[table]}, "
+                             f"got {rows.shape} of {rows.dtype}")
+        ram = self.ram[table]
+        slots = ram.lookup(ids)
+        ram.remove(slots[slots >= 0])
+        self.lmdb.put(table, ids, rows)
+        return int(ids.shape[0])
+
+    def counts(self) -> dict:
+        return {t: {"ram": self.ram[t].rows, "lmdb": self.lmdb.count(t), **self.stats[t]} for t in self.dims}
