@@ -41,42 +41,78 @@ def read_spec_file(path: str | os.PathLike) -> dict:
     text = p.read_text()
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise RecmixError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
+    except json.JSONDecodeError as e:
+        raise RecmixError(f"{p}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecmixError(f"{p}: not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise RecmixError(f"{p}: a job spec must be a mapping with a 'kind', got {type(data).__name__}")
     return _interpolate(data)
 
 
-def format_errors(err: ValidationError) -> list[str]:
-    """One line per error: `path.to.field: reason (got: value)`. Union branches are dropped from paths."""
+def format_errors(err: ValidationError, data: Any = None) -> list[str]:
+    """One line per error: `path.to.field: reason (got: value)`.
+
+    pydantic puts tagged-union branch names (the `kind` / `type` value) into error locations; they are
+    dropped by walking `data` along the location, so a real field that happens to be called `train` stays.
+    """
     lines = []
     for e in err.errors(include_url=False):
-        loc = [str(x) for x in e["loc"]]
-        # Drop pydantic's tagged-union branch names (the `kind`/`type` value) from the path.
-        path = ".".join(x for x in loc if not _is_branch(x)) or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
+        parts = _user_path(e["loc"], data)
+        ctx = e.get("ctx") or {}
+        kind = e["type"]
         got = e.get("input")
-        shown = json.dumps(got, default=str) if not isinstance(got, dict) else "{...}"
+        if kind == "union_tag_invalid":
+            disc = str(ctx.get("discriminator", "")).strip("'")
+            parts.append(disc)
+            msg = f"unknown {disc} '{ctx.get('tag')}' (expected one of: {ctx.get('expected_tags')})"
+            got = None
+        elif kind == "union_tag_not_found":
+            parts.append(str(ctx.get("discriminator", "")).strip("'"))
+            msg, got = "required field missing", None
+        elif kind == "extra_forbidden":
+            msg = f"unknown key '{parts[-1] if parts else '?'}'"
+        elif kind == "missing":
+            msg, got = "required field missing", None
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        path = ".".join(parts) or "<root>"
+        if got is None or isinstance(got, (dict, list)):
+            lines.append(f"{path}: {msg}")
+            continue
+        shown = json.dumps(got, default=str)
         if len(shown) > 80:
             shown = shown[:77] + "..."
         lines.append(f"{path}: {msg} (got: {shown})")
     return lines
 
 
-_BRANCHES = {"prepare", "train", "bench", "pipeline", "serve", "movielens100k", "synthetic", "parquet",
-             "function-after", "function-before", "function-wrap"}
-
-
-def _is_branch(x: str) -> bool:
-    return x in _BRANCHES or x.startswith("function-") or x.startswith("tagged-union[")
+def _user_path(loc: tuple, data: Any) -> list[str]:
+    out: list[str] = []
+    cur = data
+    for x in loc:
+        if isinstance(x, str) and (x.startswith("function-") or x.startswith("tagged-union[")):
+            continue
+        if isinstance(cur, dict) and x not in cur and x in (cur.get("kind"), cur.get("type")):
+            continue  # a union branch, named by the tag value of the mapping we are in
+        out.append(str(x))
+        if isinstance(cur, dict):
+            cur = cur.get(x)
+        elif isinstance(cur, list) and isinstance(x, int) and 0 <= x < len(cur):
+            cur = cur[x]
+        else:
+            cur = None
+    return out
 
 
 def parse_spec(data: dict, source: str = "<spec>"):
     try:
         return JOB_ADAPTER.validate_python(data)
     except ValidationError as e:
-        raise SpecError(source, format_errors(e)) from None
+        raise SpecError(source, format_errors(e, data)) from None
 
 
 def load_spec(path: str | os.PathLike):
