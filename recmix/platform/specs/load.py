@@ -18,19 +18,20 @@ from .job import JOB_ADAPTER
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(obj: Any) -> Any:
+def _interpolate(obj: Any, where: str = "") -> Any:
     """`${VAR}` / `${VAR:-default}` in string values; an unset variable without default is an error."""
     if isinstance(obj, str):
         def sub(m: re.Match) -> str:
             val = os.environ.get(m.group(1), m.group(2))
             if val is None:
-                raise RecmixError(f"environment variable '{m.group(1)}' is not set (used as ${{{m.group(1)}}})")
+                raise RecmixError(f"{where or '<root>'}: environment variable '{m.group(1)}' is not set "
+                                  f"(used as ${{{m.group(1)}}}; export it or write ${{{m.group(1)}:-default}})")
             return val
         return _ENV.sub(sub, obj)
     if isinstance(obj, list):
-        return [_interpolate(v) for v in obj]
+        return [_interpolate(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        return {k: _interpolate(v) for k, v in obj.items()}
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
     return obj
 
 
@@ -50,7 +51,10 @@ def read_spec_file(path: str | os.PathLike) -> dict:
         raise RecmixError(f"{p}: not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise RecmixError(f"{p}: a job spec must be a mapping with a 'kind', got {type(data).__name__}")
-    return _interpolate(data)
+    try:
+        return _interpolate(data)
+    except RecmixError as e:
+        raise RecmixError(f"{p}: {e}") from None
 
 
 def format_errors(err: ValidationError, data: Any = None) -> list[str]:
