@@ -1,0 +1,120 @@
+"""The `recmix` CLI end to end on data preparation: run, validate, schema, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from recmix.platform.cli import main
+from recmix.platform.dataset import open_dataset
+from recmix.platform.specs.data import StorageConfig
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, ml100k_dir):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RECMIX_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("RECMIX_ML100K", str(ml100k_dir))
+    return tmp_path / "artifacts"
+
+
+def test_run_ml100k_example(env, capsys):
+    assert main(["run", "examples/prepare-ml100k.yaml", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "train       80,000 rows  label rate 0.5509" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["rows"] == 100_000 and summary["splits"]["valid"]["rows"] == 10_000
+    ds = open_dataset(str(env / "ml100k"))
+    assert ds.version == summary["version"] and ds.read_split("test").num_rows == 10_000
+
+
+def test_example_default_data_path_is_the_shared_copy(monkeypatch, ml100k_dir):
+    """Without RECMIX_ML100K the example reads ../shared/data/ml-100k relative to the repository root."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("RECMIX_ML100K", raising=False)
+    path = yaml.safe_load((REPO / "examples/prepare-ml100k.yaml").read_text())["source"]["path"]
+    assert path == "${RECMIX_ML100K:-../shared/data/ml-100k}"
+    assert (REPO / "../shared/data/ml-100k").resolve() == ml100k_dir.resolve()
+
+
+def test_run_ml100k_to_s3(env, tmp_path, s3_server, capsys):
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    bucket = f"recmix-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(bucket)
+    spec = yaml.safe_load((REPO / "examples/prepare-ml100k.yaml").read_text())
+    spec["output"]["uri"] = f"s3://{bucket}/datasets/ml100k"
+    spec["storage"] = {"endpoint_url": s3_server}
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 0
+    first = open_dataset(spec["output"]["uri"], StorageConfig(endpoint_url=s3_server))
+    assert main(["run", str(path)]) == 0  # re-run replaces the version; the old folder goes
+    ds = open_dataset(spec["output"]["uri"], StorageConfig(endpoint_url=s3_server))
+    assert ds.version != first.version
+    train = ds.read_split("train", columns=["label", "timestamp"])
+    assert train.num_rows == 80_000 and abs(pc.mean(train["label"]).as_py() - 0.5509) < 5e-5
+    listing = ds.filesystem.get_file_info(pafs.FileSelector(f"{bucket}/datasets/ml100k"))
+    assert sorted(i.base_name for i in listing) == ["_manifest.json", ds.version]
+
+
+def test_corrupted_input_fails_checksum_exit_2(env, tmp_path, ml100k_dir, capsys):
+    copy = tmp_path / "ml"
+    shutil.copytree(ml100k_dir, copy)
+    data = bytearray((copy / "u.item").read_bytes())
+    data[len(data) // 2] ^= 0x20
+    (copy / "u.item").write_bytes(bytes(data))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"kind: prepare\nsource: {{type: movielens100k, path: '{copy}'}}\noutput: {{uri: '{tmp_path / 'out'}'}}\n")
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recmix: error: checksum mismatch for ") and "u.item" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["prepare", None])
+def test_schema_is_json_schema(capsys, kind):
+    assert main(["schema"] + ([kind] if kind else [])) == 0
+    schema = json.loads(capsys.readouterr().out)
+    if kind:
+        assert "properties" in schema and {"source", "output", "features", "splits", "storage"} <= set(schema["properties"])
+        assert "synthetic" in json.dumps(schema)
+    else:
+        assert "discriminator" in json.dumps(schema) or "oneOf" in schema
+
+
+def test_schema_unknown_kind(capsys):
+    assert main(["schema", "nosuch"]) == 2
+    assert "unknown job kind 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_validate_examples(example, capsys):
+    assert main(["validate", str(example)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_examples_present():
+    names = {p.name for p in EXAMPLES}
+    assert {"prepare-ml100k.yaml", "prepare-synthetic.yaml", "pipeline-ml100k.yaml"} <= names
+
+
+@pytest.mark.slow
+def test_run_pipeline_example(env, ray_cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RECMIX_SYNTHETIC_ROWS", "40000")
+    assert main(["run", "examples/pipeline-ml100k.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 'prepare_ml100k'" in out and "stage 'prepare_synthetic'" in out
+    assert open_dataset(str(env / "ml100k")).rows("train") == 80_000
+    assert open_dataset(str(env / "synthetic-small")).rows("train") == 32_000
