@@ -1,0 +1,200 @@
+"""UG-Sep invariants (spec models.md §7, 18-28): user tokens stay pure; split path == full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.tokenmixer_large import TokenMixerLargeBlock
+from recmix.models.ugsep import UGSepTokenMixerLarge, unique_users
+from recmix.platform.specs.model import TokenMixerLargeConfig
+from recmix.platform.specs.ugsep import UGSepConfig
+
+
+def make(T=4, D=16, H=None, L=3, ug=None, glob="none", down=0.5, **kw):
+    torch.manual_seed(0)
+    cfg = TokenMixerLargeConfig(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=T,
+                                d_model=D, n_heads=H, n_layers=L, ffn_mult=2.0, down_init_std_scale=down)
+    if glob != "none":
+        # UG-Sep builds its own per-side tokenizer, which carries the global token (spec §5.4).
+        object.__setattr__(cfg, "global_token", type(cfg.global_token)("mlp"))
+    model = UGSepTokenMixerLarge(cfg, ug or UGSepConfig(**kw), tiny_schema()).double().eval()
+    return model
+
+
+def batch(B, seed=0):
+    b = random_batch(tiny_schema(), B, seed)
+    b["score"] = b["score"].double()
+    return b
+
+
+def user_tokens_per_layer(model, b):
+    u, _ = model.split_batch(b)
+    return model.encode_user(u).x_U
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1"), dict(ic_mode="pre_mask", ic_proj="dense"),
+                                dict(ic_proj="low_rank", ic_rank=5), dict(glob="g"), dict(glob="u")])
+def test_user_tokens_unchanged_when_candidate_features_change(kw):
+    glob = kw.pop("glob", "none")
+    model = make(glob=glob, **kw)
+    b1 = batch(6, seed=1)
+    b2 = batch(6, seed=2)
+    for n in model.user_names:
+        b2[n] = b1[n].clone()
+    with torch.no_grad():
+        x1, x2 = user_tokens_per_layer(model, b1), user_tokens_per_layer(model, b2)
+        s1, s2 = model(b1).logits_BK, model(b2).logits_BK
+    for a, c in zip(x1, x2):
+        assert torch.equal(a, c)
+    assert not torch.equal(s1, s2)  # the candidates did change: scores must see it
+
+
+def test_user_tokens_have_no_gradient_from_candidate_inputs_or_ic():
+    model = make(ic_mode="masked_off")
+    b = batch(5)
+    u, c = model.split_batch(b)
+    state = model.encode_user(u)
+    loss = state.x_U[-1].sum()
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, [p for n, p in params.items()], allow_unused=True)
+    by_name = dict(zip(params, grads))
+    for name, g in by_name.items():
+        if name.startswith(("ic.", "cand_tok.", "heads.", "aux_towers.")):
+            assert g is None or torch.count_nonzero(g) == 0, name
+
+
+def test_zero_user_tokens_equals_unmasked_baseline_bitwise():
+    model = make(n_user_tokens=0)
+    b = batch(7)
+    with torch.no_grad():
+        got = model(b).logits_BK
+        # Baseline: TokenMixer-Large blocks (mode B) with the same weights, no mask.
+        feats = model.cand_encoder({n: b[n] for n in model.cand_names})
+        x = model.cand_tok(torch.cat([feats[n] for n in model.cand_names], -1))
+        hist = [x]
+        for l, blk in enumerate(model.blocks, start=1):
+            assert isinstance(blk, TokenMixerLargeBlock)
+            x = blk(x)
+            if model.gap and l % model.gap == 0 and l < len(model.blocks):
+                x = x + hist[l - model.gap]
+            hist.append(x)
+        want = model.heads(x.mean(1))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1", ic_proj="per_head"), dict(ic_mode="none")])
+def test_split_path_equals_full_forward_and_aggregation(kw):
+    model = make(**kw)
+    users = batch(3, seed=5)
+    cands = batch(10, seed=6)
+    user_index = torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 1, 2])
+    full = {n: users[n][user_index] for n in model.user_names} | {n: cands[n] for n in model.cand_names}
+    with torch.no_grad():
+        split = model.score(model.encode_user({n: users[n] for n in model.user_names}),
+                            {n: cands[n] for n in model.cand_names}, user_index).logits_BK
+        agg = model(full).logits_BK
+        model.ug = UGSepConfig.model_validate({**model.ug.model_dump(exclude_unset=True), "train_user_aggregation": "off"})
+        per_row = model(full).logits_BK
+    torch.testing.assert_close(split, per_row, rtol=0, atol=1e-12)
+    torch.testing.assert_close(agg, per_row, rtol=0, atol=1e-12)
+
+
+def reference_masked_forward(model, b):
+    """Spec §5.3-5.4 written on full (B, T, D) tensors with explicit masks: an independent oracle."""
+    from recmix.models.mixing import mix, revert
+
+    B = b["item_id"].shape[0]
+    T, Tu, H, Cu, D = model.T, model.Tu, model.H, model.Cu, model.D
+    S = D // H
+    fu = model.user_encoder({n: b[n] for n in model.user_names})
+    fg = model.cand_encoder({n: b[n] for n in model.cand_names})
+    f_U = torch.cat([fu[n] for n in model.user_names], -1)
+    extra = f_U if model.cand_tok.global_mlp is not None else None
+    x = torch.cat([model.user_tok(f_U), model.cand_tok(torch.cat([fg[n] for n in model.cand_names], -1), extra)], 1)
+    hist = [x]
+    for l, blk in enumerate(model.blocks, start=1):
+        n = blk.norm1(x)
+        m = mix(n, H).reshape(B, H, T, S)
+        pre = m.clone()
+        m[:, :Cu, Tu:] = 0                      # user heads never read candidate tokens
+        m = m.reshape(B, H, T * S)
+        if model.ic is not None:
+            m = torch.cat([m[:, :Cu], m[:, Cu:] + model.ic[l - 1](pre[:, :Cu].reshape(B, Cu, -1), n[:, Tu:])], 1)
+        y = blk.f1(m).reshape(B, H, T, S)
+        y[:, Cu:, :Tu] = 0                      # revert mask: user tokens drop candidate heads' slices
+        x = x + revert(y.reshape(B, H, T * S), T)
+        x = x + blk.f2(blk.norm2(x))
+        if model.gap and l % model.gap == 0 and l < len(model.blocks):
+            x = x + hist[l - model.gap]
+        hist.append(x)
+    return model.heads(x.mean(1))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1"), dict(ic_mode="pre_mask", ic_proj="low_rank", ic_rank=3),
+                                dict(glob="g", ic_proj="dense"), dict(glob="u", ic_mode="none")])
+def test_split_execution_matches_masked_mixing_oracle(kw):
+    glob = kw.pop("glob", "none")
+    model = make(glob=glob, **kw)
+    b = batch(9, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(b).logits_BK, reference_masked_forward(model, b), rtol=0, atol=1e-10)
+
+
+def test_permuting_and_duplicating_candidates():
+    model = make(ratio="1:1")
+    users = batch(1, seed=3)
+    cands = batch(8, seed=4)
+    state = model.encode_user({n: users[n] for n in model.user_names})
+    c = {n: cands[n] for n in model.cand_names}
+    idx = torch.zeros(8, dtype=torch.long)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    dup = torch.tensor([0, 1, 1, 2, 0, 3, 3, 3])
+    with torch.no_grad():
+        s = model.score(state, c, idx).logits_BK
+        sp = model.score(state, {n: v[perm] for n, v in c.items()}, idx).logits_BK
+        sd = model.score(state, {n: v[dup] for n, v in c.items()}, idx).logits_BK
+        single = torch.cat([model.score(state, {n: v[i:i + 1] for n, v in c.items()}, idx[:1]).logits_BK for i in range(8)])
+    torch.testing.assert_close(sp, s[perm], rtol=0, atol=1e-12)
+    torch.testing.assert_close(sd, s[dup], rtol=0, atol=1e-12)
+    assert torch.equal(sd[1], sd[2]) and torch.equal(sd[5], sd[7])
+    torch.testing.assert_close(single, s, rtol=0, atol=1e-12)
+
+
+def test_unique_users_groups_identical_user_features():
+    b = batch(6)
+    names = ["user_id", "zip_prefix", "hist_items"]
+    for n in names:
+        b[n][3] = b[n][0]
+        b[n][5] = b[n][0]
+    first, inv = unique_users(b, names)
+    assert inv[0] == inv[3] == inv[5] and len(first) == 4
+    assert torch.equal(first[inv], torch.tensor([0, 1, 2, 0, 4, 0]))
+
+
+def test_every_parameter_gets_a_gradient_and_training_reduces_loss():
+    model = make(ic_mode="masked_off", down=0.5).float().train()
+    b = random_batch(tiny_schema(), 32, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(b)
+        loss, _ = model.loss(out, b["labels"])
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            missing = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+            assert not missing, missing
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_config_errors_name_the_values():
+    with pytest.raises(ValueError, match=r"ratio 3:1 does not split n_tokens \(6\)"):
+        UGSepConfig(ratio="3:1").user_tokens(6)
+    with pytest.raises(ValueError, match="ic_rank is used by ic_proj low_rank only"):
+        UGSepConfig(ic_rank=4)
+    with pytest.raises(ValueError, match=r"user heads H\*Tu/T"):
+        make(T=4, D=12, H=6, ratio="3:1")
