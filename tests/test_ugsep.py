@@ -5,22 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pydantic import TypeAdapter
+
+from recmix.models.build import build_model
 from recmix.models.synthetic import random_batch, tiny_schema
 from recmix.models.tokenmixer_large import TokenMixerLargeBlock
-from recmix.models.ugsep import UGSepTokenMixerLarge, unique_users
-from recmix.platform.specs.model import TokenMixerLargeConfig
+from recmix.models.ugsep import unique_users
+from recmix.platform.specs.model import ModelConfig
 from recmix.platform.specs.ugsep import UGSepConfig
 
 
-def make(T=4, D=16, H=None, L=3, ug=None, glob="none", down=0.5, **kw):
+def make(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixer_large", **ug):
     torch.manual_seed(0)
-    cfg = TokenMixerLargeConfig(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=T,
-                                d_model=D, n_heads=H, n_layers=L, ffn_mult=2.0, down_init_std_scale=down)
-    if glob != "none":
-        # UG-Sep builds its own per-side tokenizer, which carries the global token (spec §5.4).
-        object.__setattr__(cfg, "global_token", type(cfg.global_token)("mlp"))
-    model = UGSepTokenMixerLarge(cfg, ug or UGSepConfig(**kw), tiny_schema()).double().eval()
-    return model
+    spec = dict(arch=backbone, tokenizer="chunk_per_token", n_tokens=T, d_model=D, n_heads=H, n_layers=L,
+                ffn_mult=2.0, ugsep=ug)
+    if backbone == "tokenmixer_large":
+        # The global token side is a UG-Sep option (spec §5.4): g reads every feature, u the user side only.
+        spec.update(down_init_std_scale=down, global_token="none" if glob == "none" else "mlp")
+        if glob != "none":
+            ug["global_token_side"] = glob
+    return build_model(TypeAdapter(ModelConfig).validate_python(spec), tiny_schema()).double().eval()
 
 
 def batch(B, seed=0):
@@ -35,10 +39,10 @@ def user_tokens_per_layer(model, b):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1"), dict(ic_mode="pre_mask", ic_proj="dense"),
-                                dict(ic_proj="low_rank", ic_rank=5), dict(glob="g"), dict(glob="u")])
+                                dict(ic_proj="low_rank", ic_rank=5), dict(glob="g"), dict(glob="u"),
+                                dict(backbone="rankmixer"), dict(backbone="rankmixer", ratio="3:1", ic_mode="pre_mask")])
 def test_user_tokens_unchanged_when_candidate_features_change(kw):
-    glob = kw.pop("glob", "none")
-    model = make(glob=glob, **kw)
+    model = make(**kw)
     b1 = batch(6, seed=1)
     b2 = batch(6, seed=2)
     for n in model.user_names:
@@ -84,7 +88,8 @@ def test_zero_user_tokens_equals_unmasked_baseline_bitwise():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1", ic_proj="per_head"), dict(ic_mode="none")])
+@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1", ic_proj="per_head"), dict(ic_mode="none"),
+                                dict(backbone="rankmixer")])
 def test_split_path_equals_full_forward_and_aggregation(kw):
     model = make(**kw)
     users = batch(3, seed=5)
@@ -135,11 +140,44 @@ def reference_masked_forward(model, b):
 @pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1"), dict(ic_mode="pre_mask", ic_proj="low_rank", ic_rank=3),
                                 dict(glob="g", ic_proj="dense"), dict(glob="u", ic_mode="none")])
 def test_split_execution_matches_masked_mixing_oracle(kw):
-    glob = kw.pop("glob", "none")
-    model = make(glob=glob, **kw)
+    model = make(**kw)
     b = batch(9, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(model(b).logits_BK, reference_masked_forward(model, b), rtol=0, atol=1e-10)
+
+
+def rankmixer_oracle(model, b):
+    """Post-LN RankMixer block with the user-head mask on full (B, T, D) tensors."""
+    from recmix.models.mixing import mix
+
+    B, T, Tu, D = b["item_id"].shape[0], model.T, model.Tu, model.D
+    S = D // T
+    fu = model.user_encoder({n: b[n] for n in model.user_names})
+    fg = model.cand_encoder({n: b[n] for n in model.cand_names})
+    x = model.cand_tok(torch.cat([fg[n] for n in model.cand_names], -1))
+    if Tu:
+        x = torch.cat([model.user_tok(torch.cat([fu[n] for n in model.user_names], -1)), x], 1)
+    for l, blk in enumerate(model.blocks):
+        if not Tu:  # zero user tokens: the plain RankMixer block with the same weights
+            x = blk(x)
+            continue
+        m = mix(x, T).reshape(B, T, T, S)
+        pre = m.clone()
+        m[:, :Tu, Tu:] = 0
+        m = m.reshape(B, T, D)
+        if model.ic is not None:
+            m = torch.cat([m[:, :Tu], m[:, Tu:] + model.ic[l](pre[:, :Tu].reshape(B, Tu, -1), x[:, Tu:])], 1)
+        s = blk.norm1(m + x)
+        x = blk.norm2(blk.ffn(s) + s)
+    return model.heads(x.mean(1))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1", ic_mode="pre_mask", ic_proj="dense"), dict(n_user_tokens=0)])
+def test_rankmixer_split_execution_matches_oracle(kw):
+    model = make(backbone="rankmixer", **kw)
+    b = batch(9, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(b).logits_BK, rankmixer_oracle(model, b), rtol=0, atol=1e-10)
 
 
 def test_permuting_and_duplicating_candidates():
@@ -196,5 +234,7 @@ def test_config_errors_name_the_values():
         UGSepConfig(ratio="3:1").user_tokens(6)
     with pytest.raises(ValueError, match="ic_rank is used by ic_proj low_rank only"):
         UGSepConfig(ic_rank=4)
-    with pytest.raises(ValueError, match=r"user heads H\*Tu/T"):
+    with pytest.raises(ValueError, match=r"user heads n_heads\*T_u/n_tokens = 6\*3/4"):
         make(T=4, D=12, H=6, ratio="3:1")
+    with pytest.raises(ValueError, match="ugsep tokenizes each side with chunk_per_token"):
+        TypeAdapter(ModelConfig).validate_python(dict(arch="tokenmixer_large", n_tokens=4, ugsep={}))

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from .base import StrictModel
+from .ugsep import UGSepConfig
 
 PosInt = Annotated[int, Field(gt=0, le=1_000_000)]
 
@@ -204,10 +205,12 @@ class RankMixerConfig(_Mixer):
     norm_position: NormPosition = NormPosition.post
     ffn_bias: bool = True
     moe: Optional[ReLUMoEConfig] = None
+    ugsep: Optional[UGSepConfig] = None   # present = UG-Sep masked mixing (recmix.models.ugsep_rankmixer)
 
     @model_validator(mode="after")
     def _check(self) -> "RankMixerConfig":
         self._check_heads()
+        _check_ugsep(self)
         if self.n_heads is not None and self.n_tokens is not None and self.n_heads != self.n_tokens:
             raise ValueError(f"RankMixer needs n_heads == n_tokens (residual shapes), got H={self.n_heads}, T={self.n_tokens}")
         if self.tokenizer is not Tokenizer.group_mlp and self.n_tokens is None:
@@ -229,6 +232,7 @@ class TokenMixerLargeConfig(_Mixer):
     inter_residual_gap: Annotated[int, Field(ge=0, le=256)] = 2
     aux_loss: AuxLossConfig = AuxLossConfig()
     moe: Optional[SPMoEConfig] = None
+    ugsep: Optional[UGSepConfig] = None   # present = UG-Sep masked mixing (recmix.models.ugsep)
 
     def aux_layers(self) -> list[int]:
         if self.aux_loss.mode is AuxMode.off:
@@ -240,7 +244,8 @@ class TokenMixerLargeConfig(_Mixer):
         self._check_heads()
         if self.tokenizer is not Tokenizer.group_mlp and self.n_tokens is None:
             raise ValueError(f"tokenizer {self.tokenizer.value} needs n_tokens")
-        if self.tokenizer is not Tokenizer.group_mlp and self.global_token is not GlobalToken.none:
+        _check_ugsep(self)
+        if self.ugsep is None and self.tokenizer is not Tokenizer.group_mlp and self.global_token is not GlobalToken.none:
             raise ValueError(f"global_token {self.global_token.value} is built by the group_mlp tokenizer only "
                              f"(tokenizer is {self.tokenizer.value}); set global_token: none")
         bad = [l for l in self.aux_loss.layers if l >= self.n_layers]
@@ -253,6 +258,24 @@ class TokenMixerLargeConfig(_Mixer):
             if hid % self.moe.n_experts:
                 raise ValueError(f"moe.n_experts ({self.moe.n_experts}) must divide ffn_mult*d_model ({hid})")
         return self
+
+
+def _check_ugsep(cfg) -> None:
+    """UG-Sep chunks each side's features into its own tokens, so T is explicit and split by the ratio."""
+    if cfg.ugsep is None:
+        return
+    if cfg.n_tokens is None:
+        raise ValueError("ugsep needs n_tokens (the user and candidate sides are chunked into T_u and T - T_u tokens)")
+    if cfg.tokenizer is not Tokenizer.chunk_per_token:
+        raise ValueError(f"ugsep tokenizes each side with chunk_per_token, got tokenizer {cfg.tokenizer.value}")
+    if cfg.moe is not None:
+        raise ValueError("ugsep with moe is not supported yet: remove one of them")
+    Tu = cfg.ugsep.user_tokens(cfg.n_tokens)
+    H = cfg.resolved_heads(cfg.n_tokens)
+    if (H * Tu) % cfg.n_tokens:
+        raise ValueError(f"ugsep user heads n_heads*T_u/n_tokens = {H}*{Tu}/{cfg.n_tokens} must be whole")
+    if getattr(cfg, "residual_mode", None) is not None and cfg.residual_mode is not ResidualMode.B:
+        raise ValueError(f"ugsep is implemented for residual_mode B, got {cfg.residual_mode.value}")
 
 
 ModelConfig = Annotated[Union[DLRMConfig, RankMixerConfig, TokenMixerLargeConfig], Field(discriminator="arch")]
