@@ -111,9 +111,15 @@ def build_tables(src: SyntheticSource) -> Tables:
     t = Tables(users, items, user_perm, item_perm, U, V, bu, bi, user_attr, year, genres, None, None)
     L = src.history_len
     pool = item_perm[items.sample(rng, (nu + 1) * L)].reshape(nu + 1, L)
-    z = score(t, np.repeat(np.arange(nu + 1), L), pool.ravel()) + src.noise * rng.standard_normal(pool.size, dtype=np.float32)
-    t.pool_items = pool
-    t.pool_ratings = (1 + np.searchsorted(RATING_EDGES, z)).astype(np.int8).reshape(nu + 1, L)
+    noise = rng.standard_normal(pool.shape, dtype=np.float32)
+    ratings = np.empty(pool.shape, np.int8)
+    scale = np.float32(1 / np.sqrt(src.rank))
+    step = max(1, 2_000_000 // (L * src.rank))  # blocks of users: bounded temporaries
+    for lo in range(0, nu + 1, step):
+        p = pool[lo:lo + step]
+        z = np.einsum("ulr,ur->ul", V[p], U[lo:lo + step]) * scale + bu[lo:lo + step, None] + bi[p]
+        ratings[lo:lo + step] = 1 + np.searchsorted(RATING_EDGES, z + np.float32(src.noise) * noise[lo:lo + step])
+    t.pool_items, t.pool_ratings = pool, ratings
     return t
 
 
