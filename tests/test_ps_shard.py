@@ -232,11 +232,14 @@ def test_bad_input_raises_and_leaves_shard_unchanged(tmp_path, bad):
     assert core.counts() == before[2]
 
 
-def test_request_larger_than_ram_budget_is_refused(tmp_path):
-    core = make(tmp_path, ram_rows=32)
-    with pytest.raises(ValueError, match="ram_rows=32"):
-        core.pull({"a": np.arange(20, dtype=np.int64), "b": np.arange(20, dtype=np.int64)})
-    assert core.counts()["a"]["ram"] == 0
+def test_request_larger_than_ram_budget_is_served_in_chunks(tmp_path):
+    core = make(tmp_path, ram_rows=32, optimizer={"kind": "sgd", "lr": 1.0})
+    ids = np.arange(100, dtype=np.int64)
+    v, ok, _ = pull(core, "a", ids)
+    assert ok.all() and core.counts()["a"]["ram"] <= 32 and core.lmdb.count("a") >= 68
+    assert core.push({"a": (ids, np.ones((100, E), np.float32))}) == 100
+    assert core.counts()["a"]["ram"] <= 32
+    np.testing.assert_array_equal(pull(core, "a", ids)[0], v - 1)
 
 
 def test_hash_index_against_dict():

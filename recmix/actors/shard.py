@@ -15,7 +15,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from recmix.actors import optim
 from recmix.actors.admission import Admission
@@ -55,11 +54,11 @@ class ShardCore:
             raise ValueError(f"unknown embedding table '{table}' (known: {', '.join(self.dims)})")
         return table
 
-    def _check_budget(self, sizes: dict[str, int]) -> None:
-        total = sum(sizes.values())
-        if total > self.cfg.ram_rows:
-            raise ValueError(f"shard {self.shard_id}: one request holds {total} unique ids, more than the RAM "
-                             f"budget ram_rows={self.cfg.ram_rows}; split it into smaller requests")
+    def _chunks(self, n: int) -> list[slice]:
+        """Requests are served in chunks of at most half the RAM budget: a chunk's rows stay resident
+        while it is served, and eviction can always make room (rows of earlier chunks may go)."""
+        c = max(1, self.cfg.ram_rows // 2)
+        return [slice(lo, min(n, lo + c)) for lo in range(0, n, c)] or [slice(0, 0)]
 
     # ---- residency ---------------------------------------------------------------------------
     def _rows_total(self) -> int:
@@ -141,24 +140,32 @@ class ShardCore:
                 prepared[table] = (ids, None)
             else:
                 prepared[table] = np.unique(ids, return_inverse=True)
-        self._check_budget({t: u.shape[0] for t, (u, _) in prepared.items()})
-        self.tick += 1
         now = time.time()
         out = {}
         for table, (u, inv) in prepared.items():
-            slots = self._resolve(table, u, admit=True, now=now, count=True)
             ram = self.ram[table]
-            ok = slots >= 0
-            if ok.all():
-                vals = ram.values[slots]
-                state = ram.state[slots] if with_state else None
+            parts = self._chunks(u.shape[0])
+            if len(parts) == 1:
+                self.tick += 1
+                slots = self._resolve(table, u, admit=True, now=now, count=True)
+                ok = slots >= 0
+                if ok.all():
+                    vals = ram.values[slots]
+                    state = ram.state[slots] if with_state else None
+                else:
+                    vals, state = self._gather(table, slots, ok, with_state)
             else:
-                vals = np.zeros((u.shape[0], self.dims[table]), np.float32)
-                vals[ok] = ram.values[slots[ok]]
-                state = None
-                if with_state:
-                    state = np.zeros((u.shape[0], self.swidth[table]), np.float32)
-                    state[ok] = ram.state[slots[ok]]
+                vals = np.empty((u.shape[0], self.dims[table]), np.float32)
+                state = np.empty((u.shape[0], self.swidth[table]), np.float32) if with_state else None
+                ok = np.empty(u.shape[0], bool)
+                for sl in parts:
+                    self.tick += 1
+                    slots = self._resolve(table, u[sl], admit=True, now=now, count=True)
+                    ok[sl] = slots >= 0
+                    v, st = self._gather(table, slots, ok[sl], with_state)
+                    vals[sl] = v
+                    if with_state:
+                        state[sl] = st
             if inv is not None:
                 vals, ok = vals[inv], ok[inv]
                 state = state[inv] if state is not None else None
@@ -166,13 +173,23 @@ class ShardCore:
             out[table] = (vals, ok, state)
         return out
 
+    def _gather(self, table: str, slots: np.ndarray, ok: np.ndarray, with_state: bool):
+        """Values (and state) of slots; zeros (the default row) where ok is False."""
+        ram = self.ram[table]
+        vals = np.zeros((slots.shape[0], self.dims[table]), np.float32)
+        vals[ok] = ram.values[slots[ok]]
+        state = None
+        if with_state:
+            state = np.zeros((slots.shape[0], self.swidth[table]), np.float32)
+            state[ok] = ram.state[slots[ok]]
+        return vals, state
+
     def push(self, req: dict) -> int:
         """{table: (ids, grads [n, E])}: sum duplicates, run the row-wise optimizer on stored rows."""
         checked = {}
         for table, (ids, grads) in req.items():
             ids = check_ids(self._table(table), ids)
             checked[table] = segment_sum(ids, check_rows(table, "gradients", grads, ids.shape[0], self.dims[table]))
-        self._check_budget({t: u.shape[0] for t, (u, _) in checked.items()})
         return self._update(checked, lambda w, s, g: optim.apply(self.cfg.optimizer, w, s, g))
 
     def push_deltas(self, req: dict) -> int:
@@ -183,26 +200,26 @@ class ShardCore:
             dv = check_rows(table, "value deltas", dv, ids.shape[0], self.dims[table])
             ds = check_rows(table, "state deltas", ds, ids.shape[0], self.swidth[table])
             checked[table] = segment_sum(ids, np.concatenate([dv, ds], axis=1))
-        self._check_budget({t: u.shape[0] for t, (u, _) in checked.items()})
         return self._update(checked, lambda w, s, d: (w + d[:, :w.shape[1]], s + d[:, w.shape[1]:]))
 
     def _update(self, checked: dict, step) -> int:
-        self.tick += 1
         now = time.time()
         applied = 0
-        for table, (u, x) in checked.items():
-            slots = self._resolve(table, u, admit=False, now=now, count=False)
-            ok = slots >= 0
-            s = slots[ok]
+        for table, (u_all, x_all) in checked.items():
             ram = self.ram[table]
-            w, st = step(torch.from_numpy(ram.values[s]), torch.from_numpy(ram.state[s]), torch.from_numpy(x[ok]))
-            ram.values[s] = w.numpy()
-            ram.state[s] = st.numpy()
-            ram.flags[s] |= DIRTY
-            if self.durable:
-                self._write(table, s)
-            applied += int(s.shape[0])
-            self.stats[table]["pushed"] += int(s.shape[0])
+            for sl in self._chunks(u_all.shape[0]):
+                self.tick += 1
+                slots = self._resolve(table, u_all[sl], admit=False, now=now, count=False)
+                ok = slots >= 0
+                s = slots[ok]
+                w, st = step(ram.values[s], ram.state[s], x_all[sl][ok])
+                ram.values[s] = w
+                ram.state[s] = st
+                ram.flags[s] |= DIRTY
+                if self.durable:
+                    self._write(table, s)
+                applied += int(s.shape[0])
+                self.stats[table]["pushed"] += int(s.shape[0])
         return applied
 
     def _write(self, table: str, slots: np.ndarray) -> None:
