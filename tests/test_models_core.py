@@ -19,6 +19,15 @@ from recmix.platform.specs.model import ModelConfig
 CFG = TypeAdapter(ModelConfig)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on a loaded 2-core CI box (10x slower measured)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("T,D,H", [(4, 8, 2), (5, 12, 3), (16, 64, 16), (3, 16, 8), (7, 6, 1), (2, 24, 24)])
 def test_revert_mix_bitwise(T, D, H):
     x = torch.randn(3, T, D)

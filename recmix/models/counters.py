@@ -79,7 +79,7 @@ def rankmixer_block(cfg, n_tokens: int) -> Counts:
     eh = kD if moe.expert_hidden == "full" else kD // E
     per_expert_mm = 2 * D * eh
     per_expert = per_expert_mm + ((eh + D) if bias else 0)
-    routers = T * D * E * (1 if moe.dtsi.value == "off" else 2)
+    routers = T * (D + 1) * E * (1 if moe.dtsi.value == "off" else 2)
     infer_router = T * D * E
     # Active experts at inference: the target ratio (capped by max_active_infer) of each token's E experts.
     active_e = E * moe.target_active_ratio
@@ -87,7 +87,7 @@ def rankmixer_block(cfg, n_tokens: int) -> Counts:
         active_e = min(active_e, moe.max_active_infer)
     active_mm = int(round(T * active_e * per_expert_mm)) + infer_router
     p = T * E * per_expert + routers
-    return Counts(p + norms, int(round(T * active_e * per_expert)) + infer_router + norms, 2 * active_mm)
+    return Counts(p + norms, int(round(T * active_e * per_expert)) + infer_router + T * E + norms, 2 * active_mm)
 
 
 def backbone(cfg, n_tokens: int) -> Counts:

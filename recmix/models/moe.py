@@ -52,12 +52,14 @@ def grouped_experts(x_BPW: torch.Tensor, bank_N: torch.Tensor, row_N: torch.Tens
 class TokenRouter(nn.Module):
     """Per-position Linear(W -> E) logits. Not a PerTokenLinear: quantizers must leave routers alone."""
 
-    def __init__(self, n_pos: int, width: int, n_experts: int):
+    def __init__(self, n_pos: int, width: int, n_experts: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_pos, width, n_experts) * width ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(n_pos, n_experts)) if bias else None
 
     def forward(self, x_BPW: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x_BPW.transpose(0, 1), self.weight).transpose(0, 1)
+        z_BPE = torch.bmm(x_BPW.transpose(0, 1), self.weight).transpose(0, 1)
+        return z_BPE if self.bias is None else z_BPE + self.bias
 
 
 class SparsePertokenMoE(nn.Module):

@@ -30,8 +30,9 @@ class ReLURoutedMoE(nn.Module):
         self.T, self.E = n_tokens, E
         eh = hidden if cfg.expert_hidden == "full" else hidden // E
         self.experts = PerTokenFFN(n_tokens * E, d, eh, bias)
-        self.h_train = TokenRouter(n_tokens, d, E)
-        self.h_infer = TokenRouter(n_tokens, d, E) if cfg.dtsi.value != "off" else None
+        # ReLU routers need a bias: without one, ReLU(Wx) is active on half of any symmetric input, whatever L1 does.
+        self.h_train = TokenRouter(n_tokens, d, E, bias=True)
+        self.h_infer = TokenRouter(n_tokens, d, E, bias=True) if cfg.dtsi.value != "off" else None
         self.coupling, self.beta = cfg.dtsi.value, cfg.beta
         self.target_sparsity = 1.0 - cfg.target_active_ratio
         self.rule, self.step = cfg.lambda_rule.value, cfg.lambda_step
