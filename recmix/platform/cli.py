@@ -19,6 +19,7 @@ RUNNERS = {
     "prepare": "recmix.jobs.prepare:run",
     "bench": "recmix.jobs.bench_job:run",
     "pipeline": "recmix.jobs.pipeline:run",
+    "train": "recmix.jobs.train:run",
 }
 
 

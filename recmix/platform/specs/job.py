@@ -10,6 +10,7 @@ from .base import StrictModel
 from .cluster import ClusterConfig
 from .data import Name
 from .prepare import PrepareSpec
+from .train import TrainSpec
 
 
 class BenchSpec(StrictModel):
@@ -31,7 +32,7 @@ class BenchSpec(StrictModel):
         return v
 
 
-StageSpec = Annotated[Union[PrepareSpec, BenchSpec], Field(discriminator="kind")]
+StageSpec = Annotated[Union[PrepareSpec, BenchSpec, TrainSpec], Field(discriminator="kind")]
 
 
 class Stage(StrictModel):
@@ -56,6 +57,6 @@ class PipelineSpec(StrictModel):
         return self
 
 
-JobSpec = Annotated[Union[PrepareSpec, BenchSpec, PipelineSpec], Field(discriminator="kind")]
+JobSpec = Annotated[Union[PrepareSpec, BenchSpec, PipelineSpec, TrainSpec], Field(discriminator="kind")]
 JOB_ADAPTER: TypeAdapter = TypeAdapter(JobSpec)
-KINDS = {"prepare": PrepareSpec, "bench": BenchSpec, "pipeline": PipelineSpec}
+KINDS = {"prepare": PrepareSpec, "bench": BenchSpec, "pipeline": PipelineSpec, "train": TrainSpec}

@@ -1,0 +1,70 @@
+"""`kind: train`: train one model on a prepared dataset, evaluate valid/test, write metrics and weights.
+
+Artifacts under `spec.output`: `metrics.json` (valid/test AUC + logloss, warm/cold-user test AUC, history,
+parameter/FLOP counts) and `model.pt` (state_dict of the best epoch, `torch.load(..., weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import torch
+
+from recmix.models import counters
+from recmix.models.build import build_model
+from recmix.platform import storage
+from recmix.platform.dataset import open_dataset
+from recmix.platform.specs.train import TrainSpec
+
+from .data import SplitArrays, to_arrays
+from .loop import fit, make_optimizer, train_step  # noqa: F401  (train_step is the public unit)
+
+
+def load_splits(spec: TrainSpec):
+    ds = open_dataset(spec.dataset.uri, spec.storage)
+    splits = {s: to_arrays(ds.read_split(s), ds.schema) for s in ("train", "valid", "test")}
+    return ds.schema, splits
+
+
+def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=None, log=print, write: bool = True) -> dict:
+    """Fit and evaluate; `splits`/`schema` may be passed in to reuse loaded data across runs (benches)."""
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    if splits is None:
+        schema, splits = load_splits(spec)
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    model = build_model(spec.model, schema)
+    opt = make_optimizer(model, spec.optimizer)
+    t0 = time.perf_counter()
+    res = fit(model, splits["train"], splits["valid"], splits["test"], optimizer=opt, batch_size=spec.batch_size,
+              eval_batch_size=spec.eval_batch_size, epochs=spec.epochs, patience=spec.early_stopping.patience,
+              seed=spec.seed, log=log)
+    res["wall_s"] = round(time.perf_counter() - t0, 2)
+    res["arch"] = spec.model.arch
+    res["seed"] = spec.seed
+    res["counts"] = counters.model(spec.model, schema)
+    probs = res.pop("_test_probs")
+    t = res["test"]
+    log(f"[train] test auc {t['auc']:.4f} (warm {t.get('auc_warm', float('nan')):.4f}, cold {t.get('auc_cold', float('nan')):.4f})"
+        f"  logloss {t['logloss']:.4f}  best epoch {res['best_epoch']}")
+    if write:
+        fs, root = storage.resolve(spec.output, spec.storage)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        storage.write_bytes_atomic(fs, storage.join(root, "model.pt"), buf.getvalue())
+        doc = {**res, "spec": spec.model_dump(mode="json")}
+        storage.write_bytes_atomic(fs, storage.join(root, "metrics.json"), json.dumps(doc, indent=2, default=float).encode())
+        log(f"[train] wrote {spec.output}/metrics.json and model.pt")
+    res["_test_probs"] = probs
+    res["_model"] = model
+    return res
+
+
+def run(spec: TrainSpec, cluster=None) -> dict:
+    """CLI entry (`recmix run train.yaml`): single process; the Ray cluster config is not used."""
+    res = train(spec)
+    return {k: v for k, v in res.items() if not k.startswith("_") and k != "history"}

@@ -1,0 +1,111 @@
+"""Single-process training loop: `train_step`, `evaluate`, and `fit` with early stopping on valid AUC.
+
+`train_step(model, batch, optimizer) -> dict` is the unit a distributed trainer calls per batch; `fit`
+owns epochs, shuffling, early stopping and the test evaluation (test is scored once, with the best
+epoch's weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from recmix.models.base import RankingModel
+
+from .data import SplitArrays
+from .metrics import auc, logloss
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    name = cfg.name.value
+    if name == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{name}' (known: adagrad, adamw)")
+
+
+def train_step(model: RankingModel, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """One forward/backward/update; returns the loss parts (floats) and model statistics of this batch."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    out = model(batch)
+    loss, parts = model.loss(out, batch["labels"])
+    loss.backward()
+    optimizer.step()
+    parts.update(model.extra_metrics())
+    return parts
+
+
+@torch.no_grad()
+def predict(model: RankingModel, data: SplitArrays, batch_size: int) -> np.ndarray:
+    """Probabilities (N, K) from the serving logits (aux towers ignored)."""
+    model.eval()
+    outs = [torch.sigmoid(model(b).logits_BK).numpy() for b in data.batches(batch_size)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, data.labels.shape[1]), np.float32)
+
+
+def evaluate(model: RankingModel, data: SplitArrays, batch_size: int, warm_users: np.ndarray | None = None) -> dict:
+    """AUC and logloss per task (task 0 unprefixed); with `warm_users`, AUC on warm and cold users' rows."""
+    p = predict(model, data, batch_size)
+    out: dict = {"rows": len(data)}
+    for k in range(data.labels.shape[1]):
+        pre = "" if k == 0 else f"task{k}_"
+        y = data.labels[:, k]
+        out[pre + "auc"] = auc(y, p[:, k])
+        out[pre + "logloss"] = logloss(y, p[:, k])
+        if warm_users is not None and k == 0:
+            warm = np.isin(data.user_key, warm_users)
+            out["auc_warm"], out["auc_cold"] = auc(y[warm], p[warm, 0]), auc(y[~warm], p[~warm, 0])
+            out["rows_warm"], out["rows_cold"] = int(warm.sum()), int((~warm).sum())
+    out["_probs"] = p
+    return out
+
+
+def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: SplitArrays, *, optimizer: torch.optim.Optimizer,
+        batch_size: int, eval_batch_size: int, epochs: int, patience: int, seed: int,
+        log: Callable[[str], None] = print) -> dict:
+    rng = np.random.default_rng(seed)
+    warm_users = np.unique(train.user_key)
+    best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0
+    history = []
+    t_train, n_seen = 0.0, 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in train.batches(batch_size, rng):
+            parts = train_step(model, batch, optimizer)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            n_seen += batch["labels"].shape[0]
+        t_train += time.perf_counter() - t0
+        val = evaluate(model, valid, eval_batch_size)
+        val.pop("_probs")
+        rec = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "valid_auc": val["auc"],
+               "valid_logloss": val["logloss"], "epoch_s": round(time.perf_counter() - t0, 2)}
+        history.append(rec)
+        log(f"[train] epoch {epoch}: loss {rec.get('train_loss', float('nan')):.4f}  valid auc {val['auc']:.4f}  "
+            f"logloss {val['logloss']:.4f}  ({rec['epoch_s']}s)")
+        if val["auc"] > best_auc:
+            best_auc, best_epoch, bad = val["auc"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad > patience:
+                log(f"[train] early stop: no valid AUC gain for {bad} epochs (best {best_auc:.4f} at epoch {best_epoch})")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    val = evaluate(model, valid, eval_batch_size)
+    tst = evaluate(model, test, eval_batch_size, warm_users)
+    probs = tst.pop("_probs")
+    val.pop("_probs")
+    return {"best_epoch": best_epoch, "epochs_run": len(history), "valid": val, "test": tst, "history": history,
+            "train_seconds": round(t_train, 2), "train_samples_per_s": round(n_seen / max(t_train, 1e-9), 1),
+            "_test_probs": probs}

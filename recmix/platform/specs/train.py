@@ -1,0 +1,53 @@
+"""`kind: train`: single-process training and evaluation of one model on a prepared dataset."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field, field_validator
+
+from .base import StrictModel
+from .data import DatasetConfig, StorageConfig, Uri, check_uri
+from .model import ModelConfig
+
+
+class OptimizerName(str, Enum):
+    adagrad = "adagrad"
+    adamw = "adamw"
+
+
+class OptimizerConfig(StrictModel):
+    """One optimizer for all parameters (embedding tables included, dense gradients)."""
+
+    name: OptimizerName = OptimizerName.adamw
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class EarlyStopping(StrictModel):
+    """Stop after `patience` epochs without a better valid AUC (task 0); the best epoch's weights are kept."""
+
+    patience: Annotated[int, Field(ge=0, le=1000)] = 2
+
+
+class TrainSpec(StrictModel):
+    kind: Literal["train"]
+    dataset: DatasetConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = 512
+    eval_batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = 4096
+    epochs: Annotated[int, Field(gt=0, le=10_000)] = 10
+    early_stopping: EarlyStopping = EarlyStopping()
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    # torch intra-op threads; None keeps torch's default. 1 is fastest for small models on a busy machine.
+    threads: Optional[Annotated[int, Field(gt=0, le=1024)]] = None
+    # Artifacts: <output>/metrics.json and <output>/model.pt (state_dict; torch.load(weights_only=True)).
+    output: Uri
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("output")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)
