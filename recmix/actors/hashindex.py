@@ -60,14 +60,14 @@ class HashIndex:
             p = pos[act]
             k = self.keys[p]
             free = (k == EMPTY) | (k == TOMB)
-            # Several keys may want the same free position this round: the first of each wins.
+            # Several keys may want the same free position this round: scatter them all, the one that
+            # reads back won (numpy keeps one writer per position); the others probe on.
             fa, fp = act[free], p[free]
-            _, first = np.unique(fp, return_index=True)
-            win = np.zeros(fa.shape[0], bool)
-            win[first] = True
-            wa, wp = fa[win], fp[win]
-            self.tombs -= int((self.keys[wp] == TOMB).sum())
-            self.keys[wp] = q[wa]
+            was_tomb = k[free] == TOMB
+            self.keys[fp] = q[fa]
+            won = self.keys[fp] == q[fa]
+            wa, wp = fa[won], fp[won]
+            self.tombs -= int(was_tomb[won].sum())
             self.vals[wp] = slots[wa]
             placed = np.zeros(q.shape[0], bool)
             placed[wa] = True

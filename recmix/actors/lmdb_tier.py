@@ -8,6 +8,7 @@ CPython LMDB costs ~2 us per key (storage.md 9.2), so it is the cold tier, never
 from __future__ import annotations
 
 import os
+from operator import itemgetter
 from typing import Iterator
 
 import lmdb
@@ -16,6 +17,7 @@ import numpy as np
 from recmix.actors.rows import ids_of, keys_of, rows_of, values_of
 
 SCAN_CHUNK = 1 << 18
+_KEY, _VALUE = itemgetter(0), itemgetter(1)
 
 
 class LmdbTier:
@@ -40,10 +42,12 @@ class LmdbTier:
             hits = txn.cursor().getmulti(keys_of(ids))
         if not hits:
             return found, np.empty(0, self.dtypes[table])
-        ks, vs = zip(*hits)
-        fid = ids_of(ks)
-        found[np.searchsorted(ids, fid)] = True
-        return found, rows_of(vs, self.dtypes[table])
+        rows = rows_of(map(_VALUE, hits), self.dtypes[table])       # C-level map: no per-key bytecode
+        if len(hits) == ids.shape[0]:
+            found[:] = True
+        else:
+            found[np.searchsorted(ids, ids_of(map(_KEY, hits)))] = True
+        return found, rows
 
     def put(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
         """One write transaction, keys in ascending order (sequential in the B-tree)."""

@@ -40,7 +40,7 @@ class ShardCore:
         self.dtypes = {t: row_dtype(d, self.swidth[t]) for t, d in self.dims.items()}
         self.ram = {t: RamTable(cfg.ram_rows, d, self.swidth[t], self.dtypes[t]) for t, d in self.dims.items()}
         self.durable = cfg.durability is Durability.write_through
-        self.path = os.path.join(root, f"shard-{shard_id}")
+        self.path = os.path.join(root, f"{cfg.name}-shard-{shard_id}")
         self.lmdb = LmdbTier(self.path, self.dtypes, cfg.map_size, sync=self.durable)
         self.pass_id = self.lmdb.get_meta("pass", 0)
         self.admission = Admission(cfg.admission, cfg.seed, shard_id)

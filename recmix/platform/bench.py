@@ -19,6 +19,8 @@ from typing import Any, Callable
 # name -> "module:function". Strings, so the platform layer imports nothing above it until a bench runs.
 _REGISTRY: dict[str, str] = {
     "datagen": "recmix.jobs.bench.datagen:run",
+    "ugsep": "recmix.jobs.bench.ugsep:run",
+    "ps": "recmix.jobs.bench.ps:run",
 }
 
 
