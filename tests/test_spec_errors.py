@@ -135,3 +135,10 @@ def test_every_error_reported_at_once(tmp_path, capsys):
     assert "invalid job spec (5 errors)" in err
     for piece in ("source.n_rows", "source.seed", "source.bogus", "output.uri", "splits.train"):
         assert f"\n  {piece}: " in err
+
+
+def test_synthetic_tables_limit(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("kind: prepare\nsource: {type: synthetic, n_rows: 10, n_users: 50000000, history_len: 50}\n" + OK_OUTPUT)
+    assert main(["validate", str(path)]) == 2
+    assert "source: per-id tables too large" in capsys.readouterr().err

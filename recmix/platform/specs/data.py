@@ -11,7 +11,11 @@ Parquet column types per feature type (checked by `recmix.jobs.prepare` against 
 | multi_categorical  | list<int64>             | at most max_len ids, pooled by the model           |
 | sequence           | list<int64>             | time-ordered, most recent last, at most max_len    |
 | dense              | float32 (dim 1) or list<float32> of length dim |                             |
-| label              | int8 / int64 / float    | role `label`, type `dense`, dim 1                  |
+| label              | float32 0/1             | role `label`, type `dense`, dim 1                  |
+
+Prepared datasets hold exactly these types (plus `timestamp` and `user_key`, int64; layout in
+docs/data.md). A parquet source may use any integer width, bool/int labels and an arrow timestamp:
+prepare casts them.
 """
 
 from __future__ import annotations

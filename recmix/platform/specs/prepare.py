@@ -58,6 +58,17 @@ class SyntheticSource(StrictModel):
     # Standard deviation of the Gaussian noise added to the label logit (the interaction has std 1).
     noise: Annotated[float, Field(ge=0, le=10)] = 1.0
 
+    @model_validator(mode="after")
+    def _tables_fit(self) -> "SyntheticSource":
+        # Per-id tables live in memory (driver and object store): history pools and latent vectors.
+        cells = (self.n_users + 1) * (self.history_len + self.rank) + (self.n_items + 1) * self.rank
+        if cells > 500_000_000:
+            raise ValueError(
+                f"per-id tables too large: (n_users + 1) * (history_len + rank) + (n_items + 1) * rank = {cells:,} "
+                f"cells (n_users={self.n_users}, n_items={self.n_items}, history_len={self.history_len}, rank={self.rank}); "
+                f"the limit is 500,000,000")
+        return self
+
 
 class ParquetSource(StrictModel):
     """Any parquet dataset whose columns are declared in `features` (plus `timestamp` when split by time)."""
