@@ -238,3 +238,26 @@ def test_config_errors_name_the_values():
         make(T=4, D=12, H=6, ratio="3:1")
     with pytest.raises(ValueError, match="ugsep tokenizes each side with chunk_per_token"):
         TypeAdapter(ModelConfig).validate_python(dict(arch="tokenmixer_large", n_tokens=4, ugsep={}))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1"), dict(ic_mode="none", ratio="1:1"),
+                                dict(backbone="rankmixer", ratio="3:1")])
+@pytest.mark.parametrize("C", [1, 7, 64])
+def test_flops_counter_matches_issued_work_and_formula(kw, C):
+    from recmix.kernels.pertoken import count_flops
+    from recmix.models.ugsep_counters import request_flops
+
+    model = make(T=4, D=16, **kw)
+    users, cands = batch(1, seed=1), batch(C, seed=2)
+    with torch.no_grad(), count_flops() as issued:
+        state = model.encode_user({n: users[n] for n in model.user_names})
+        model.score(state, {n: cands[n] for n in model.cand_names}, torch.zeros(C, dtype=torch.long))
+    f = request_flops(model, C)
+    assert issued[0] == f["ugsep_backbone"] + f["tokenizer"]
+    rho = model.Tu / model.T
+    assert f["ratio"] == pytest.approx((1 - rho) + rho / C + f["ic"] / f["baseline_backbone"], rel=1e-12)
+    assert f["ratio"] == pytest.approx(f["formula"], rel=1e-12)
+    base = make(T=4, D=16, backbone=kw.get("backbone", "tokenmixer_large"), n_user_tokens=0)
+    with torch.no_grad(), count_flops() as full:
+        base({n: users[n].expand(C, *users[n].shape[1:]) if n in model.user_names else cands[n] for n in cands if n != "labels"})
+    assert full[0] - request_flops(base, C)["tokenizer"] == f["baseline_backbone"]
