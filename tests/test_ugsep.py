@@ -65,7 +65,7 @@ def test_user_tokens_have_no_gradient_from_candidate_inputs_or_ic():
     grads = torch.autograd.grad(loss, [p for n, p in params.items()], allow_unused=True)
     by_name = dict(zip(params, grads))
     for name, g in by_name.items():
-        if name.startswith(("ic.", "cand_tok.", "heads.", "aux_towers.")):
+        if name.startswith(("ic.", "cand_tokenizer.", "heads.", "aux_towers.")):
             assert g is None or torch.count_nonzero(g) == 0, name
 
 
@@ -76,7 +76,7 @@ def test_zero_user_tokens_equals_unmasked_baseline_bitwise():
         got = model(b).logits_BK
         # Baseline: TokenMixer-Large blocks (mode B) with the same weights, no mask.
         feats = model.cand_encoder({n: b[n] for n in model.cand_names})
-        x = model.cand_tok(torch.cat([feats[n] for n in model.cand_names], -1))
+        x = model.cand_tokenizer(torch.cat([feats[n] for n in model.cand_names], -1))
         hist = [x]
         for l, blk in enumerate(model.blocks, start=1):
             assert isinstance(blk, TokenMixerLargeBlock)
@@ -116,8 +116,8 @@ def reference_masked_forward(model, b):
     fu = model.user_encoder({n: b[n] for n in model.user_names})
     fg = model.cand_encoder({n: b[n] for n in model.cand_names})
     f_U = torch.cat([fu[n] for n in model.user_names], -1)
-    extra = f_U if model.cand_tok.global_mlp is not None else None
-    x = torch.cat([model.user_tok(f_U), model.cand_tok(torch.cat([fg[n] for n in model.cand_names], -1), extra)], 1)
+    extra = f_U if model.cand_tokenizer.global_mlp is not None else None
+    x = torch.cat([model.user_tokenizer(f_U), model.cand_tokenizer(torch.cat([fg[n] for n in model.cand_names], -1), extra)], 1)
     hist = [x]
     for l, blk in enumerate(model.blocks, start=1):
         n = blk.norm1(x)
@@ -154,9 +154,9 @@ def rankmixer_oracle(model, b):
     S = D // T
     fu = model.user_encoder({n: b[n] for n in model.user_names})
     fg = model.cand_encoder({n: b[n] for n in model.cand_names})
-    x = model.cand_tok(torch.cat([fg[n] for n in model.cand_names], -1))
+    x = model.cand_tokenizer(torch.cat([fg[n] for n in model.cand_names], -1))
     if Tu:
-        x = torch.cat([model.user_tok(torch.cat([fu[n] for n in model.user_names], -1)), x], 1)
+        x = torch.cat([model.user_tokenizer(torch.cat([fu[n] for n in model.user_names], -1)), x], 1)
     for l, blk in enumerate(model.blocks):
         if not Tu:  # zero user tokens: the plain RankMixer block with the same weights
             x = blk(x)

@@ -114,8 +114,8 @@ class UGSepTokenMixerLarge(RankingModel):
         self.cand_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.cand_names]), lk, pool)
         glob = cfg.global_token.value == "mlp"
         g_side = ug.global_token_side.value
-        self.user_tok = SideTokenizer(self.user_names, widths, D, Tu, glob and g_side == "u") if Tu else None
-        self.cand_tok = SideTokenizer(self.cand_names, widths, D, T - Tu, glob and (g_side == "g" or not Tu),
+        self.user_tokenizer = SideTokenizer(self.user_names, widths, D, Tu, glob and g_side == "u") if Tu else None
+        self.cand_tokenizer = SideTokenizer(self.cand_names, widths, D, T - Tu, glob and (g_side == "g" or not Tu),
                                       sum(widths[n] for n in self.user_names))
         self.blocks = nn.ModuleList([TokenMixerLargeBlock(cfg, T, H) for _ in range(cfg.n_layers)])
         self.ic = nn.ModuleList([InformationCompensation(ug, T, Tu, H, self.Cu, D) for _ in range(cfg.n_layers)]) \
@@ -135,7 +135,7 @@ class UGSepTokenMixerLarge(RankingModel):
             raise ValueError("this UG-Sep model has no user tokens (n_user_tokens 0): score with forward()")
         n_rows = _rows(user_batch, self.user_names)
         f_UW = _concat(self.user_encoder(user_batch), self.user_names)
-        x = self.user_tok(f_UW)
+        x = self.user_tokenizer(f_UW)
         xs, ns, ys = [x], [], []
         for l, blk in enumerate(self.blocks, start=1):
             n_UTD = blk.norm1(x)
@@ -159,8 +159,8 @@ class UGSepTokenMixerLarge(RankingModel):
         Tg = T - Tu
         if Tu and B and (int(user_index.min()) < 0 or int(user_index.max()) >= state.n_users):
             raise ValueError(f"user_index must lie in [0, {state.n_users}), got [{int(user_index.min())}, {int(user_index.max())}]")
-        extra = state.f_U[user_index] if Tu and self.cand_tok.global_mlp is not None else None
-        xg = self.cand_tok(_concat(self.cand_encoder(cand_batch), self.cand_names), extra)
+        extra = state.f_U[user_index] if Tu and self.cand_tokenizer.global_mlp is not None else None
+        xg = self.cand_tokenizer(_concat(self.cand_encoder(cand_batch), self.cand_names), extra)
         hist_g = [xg]
         aux = []
         for l, blk in enumerate(self.blocks, start=1):

@@ -50,7 +50,7 @@ def request_flops(model, n_candidates: int) -> dict:
         "ugsep_backbone": user + cand + ic,
         "user_backbone": user,
         "ic": ic,
-        "tokenizer": _tok_flops(getattr(model, "user_tok", None)) + C * _tok_flops(model.cand_tok),
+        "tokenizer": _tok_flops(getattr(model, "user_tokenizer", None)) + C * _tok_flops(model.cand_tokenizer),
         "ratio": (user + cand + ic) / base,
         "formula": (1 - rho) + rho / C + ic / base,
         "rho": rho,

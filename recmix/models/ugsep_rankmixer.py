@@ -61,8 +61,8 @@ class UGSepRankMixer(RankingModel):
         lk, pool, widths = self.encoder.lookup, self.encoder.seq_pooling, self.encoder.widths
         self.user_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.user_names]), lk, pool)
         self.cand_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.cand_names]), lk, pool)
-        self.user_tok = SideTokenizer(self.user_names, widths, D, Tu, False) if Tu else None
-        self.cand_tok = SideTokenizer(self.cand_names, widths, D, T - Tu, False)
+        self.user_tokenizer = SideTokenizer(self.user_names, widths, D, Tu, False) if Tu else None
+        self.cand_tokenizer = SideTokenizer(self.cand_names, widths, D, T - Tu, False)
         self.blocks = nn.ModuleList([RankMixerBlock(cfg, T) for _ in range(cfg.n_layers)])
         self.ic = nn.ModuleList([InformationCompensation(ug, T, Tu, T, Tu, D) for _ in range(cfg.n_layers)]) \
             if ug.ic_mode.value != "none" and Tu else None
@@ -73,7 +73,7 @@ class UGSepRankMixer(RankingModel):
             raise ValueError("this UG-Sep model has no user tokens (n_user_tokens 0): score with forward()")
         U, T, Tu, S = _rows(user_batch, self.user_names), self.T, self.Tu, self.D // self.T
         f_UW = _concat(self.user_encoder(user_batch), self.user_names)
-        x = self.user_tok(f_UW)
+        x = self.user_tokenizer(f_UW)
         xs = [x]
         for blk in self.blocks:
             src = x if self.post else blk.norm1(x)
@@ -92,7 +92,7 @@ class UGSepRankMixer(RankingModel):
 
     def score(self, state, cand_batch: dict[str, torch.Tensor], user_index: torch.Tensor) -> ModelOutput:
         B, T, Tu = user_index.shape[0], self.T, self.Tu
-        xg = self.cand_tok(_concat(self.cand_encoder(cand_batch), self.cand_names))
+        xg = self.cand_tokenizer(_concat(self.cand_encoder(cand_batch), self.cand_names))
         for l, blk in enumerate(self.blocks):
             x_BTD = torch.cat([state.x_U[l][user_index], xg], 1) if Tu else xg
             src = x_BTD if self.post else blk.norm1(x_BTD)
