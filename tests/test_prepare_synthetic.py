@@ -95,6 +95,7 @@ def bucket(s3_server):
     return name
 
 
+@pytest.mark.slow
 def test_synthetic_to_s3(ray_cluster, s3_server, bucket):
     s3_bucket = bucket
     uri = f"s3://{s3_bucket}/syn"
@@ -104,3 +105,9 @@ def test_synthetic_to_s3(ray_cluster, s3_server, bucket):
     ds = open_dataset(uri, StorageConfig(endpoint_url=s3_server))
     assert ds.read_split("train").num_rows == 24_000 and ds.read_split("test").num_rows == 3_000
     assert all(p.startswith(f"{s3_bucket}/syn/{ds.version}/") for p in ds.split_files("valid"))
+    # The documented Ray Data path: split files on the dataset's own filesystem.
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rd = ray.data.read_parquet(ds.split_files("valid"), filesystem=ds.filesystem)
+    assert rd.count() == 3_000 and "hist_items" in rd.schema().names
