@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "datagen": "recmix.jobs.bench.datagen:run",
     "ugsep": "recmix.jobs.bench.ugsep:run",
     "ps": "recmix.jobs.bench.ps:run",
+    "w8a16": "recmix.jobs.bench.w8a16:run",
 }
 
 
