@@ -82,6 +82,6 @@ def s3_bucket(s3_server):
 
     name = f"recmix-{uuid.uuid4().hex[:12]}"
     fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
-                           access_key="testing", secret_key="testing")
+                           access_key="testing", secret_key="testing", allow_bucket_creation=True)
     fs.create_dir(name)
     return name
