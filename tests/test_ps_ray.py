@@ -285,3 +285,31 @@ def test_lookup_forward_and_step_match_reference(ray_cluster, tmp_path, mode):
         lk.close()
     with pytest.raises(ValueError, match="dim 16"):
         build_lookup(cfg, {"user": TableSpec("user", 1000, 16, True)})
+
+
+@pytest.mark.slow
+def test_metrics_are_exported(ray_cluster, tmp_path):
+    """Shard metrics reach the node's Prometheus endpoint (export lags ~5-10 s, ray.md 7)."""
+    import urllib.request
+
+    cfg = config(tmp_path, shards=1, ram_rows=32)
+    client = client_for(cfg)
+    try:
+        client.pull({"user": np.arange(100, dtype=np.int64)})
+        client.push({"user": (np.arange(10, dtype=np.int64), np.ones((10, E), np.float32))})
+        client.end_pass()
+        port = ray.nodes()[0]["MetricsExportPort"]
+        want = ("ray_recmix_ps_rows", "ray_recmix_ps_evictions_total", "ray_recmix_ps_latency_s_bucket",
+                "ray_recmix_ps_hit_rate", "ray_recmix_ps_admissions_total")
+        deadline, text = time.time() + 45, ""
+        while time.time() < deadline:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if all(f"\n{w}{{" in text for w in want):
+                break
+            time.sleep(1)
+        missing = [w for w in want if f"\n{w}{{" not in text]
+        assert not missing, missing
+        ram = [l for l in text.splitlines() if l.startswith("ray_recmix_ps_rows{") and 'tier="ram"' in l and 'table="user"' in l]
+        assert ram and any(float(l.rsplit(" ", 1)[1]) <= 32 for l in ram)
+    finally:
+        close(client)

@@ -9,13 +9,16 @@ and `restore_from` is set, loads its rows from that checkpoint.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 import time
 
+import numpy as np
 import ray
 
 from recmix.actors.shard import ShardCore
+from recmix.actors.shm import Attached
 from recmix.platform.specs.embedding import EmbeddingConfig
 
 METRICS_EVERY_S = 1.0
@@ -34,6 +37,7 @@ class EmbeddingShard:
             self.restored_rows = load_into_shard(self.core, cfg.restore_from)
         self.metrics = ShardMetrics(shard_id)
         self.metrics_at = 0.0
+        self.attached = Attached()
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
 
     def _timed(self, op: str, fn, *args):
@@ -44,10 +48,25 @@ class EmbeddingShard:
         if t1 - self.metrics_at > METRICS_EVERY_S:
             self.metrics.update(self.core.counts())
             self.metrics_at = t1
+            _trim_heap()
         return out
 
     def pull(self, req: dict, with_state: bool = False) -> dict:
         return self._timed("pull", self.core.pull, req, with_state)
+
+    def pull_shm(self, path: str, spec: dict, with_state: bool = False):
+        """Pull through a client's /dev/shm buffer (shm.py): spec {table: (ids offset, n, values offset)};
+        ids are read from and values written into the buffer. None if the buffer is not reachable here."""
+        mm = self.attached.get(path)
+        if mm is None:
+            return None
+        req, out = {}, {}
+        for t, (ioff, n, voff) in spec.items():
+            req[t] = np.frombuffer(mm, np.int64, n, ioff).copy()
+            dim = self.core.dims.get(t, 0)
+            out[t] = np.frombuffer(mm, np.float32, n * dim, voff).reshape(n, dim)
+        got = self._timed("pull", self.core.pull, req, with_state, out)
+        return {t: (None, ok, st) for t, (_, ok, st) in got.items()}
 
     @ray.method(max_task_retries=0)
     def push(self, req: dict) -> int:
@@ -60,6 +79,7 @@ class EmbeddingShard:
     def end_pass(self) -> dict:
         out = self.core.end_pass()
         self.metrics.update(self.core.counts())
+        _trim_heap()
         return out
 
     def flush(self) -> int:
@@ -93,6 +113,7 @@ class EmbeddingShard:
 
     def memory(self) -> dict:
         """Resident memory of this process from /proc (anonymous vs file-backed, e.g. LMDB's mmap)."""
+        _trim_heap()
         out = {}
         with open("/proc/self/status") as f:
             for line in f:
@@ -100,6 +121,23 @@ class EmbeddingShard:
                     k, v = line.split(":")
                     out[k] = int(v.split()[0]) * 1024
         return out
+
+
+def _trim_heap() -> None:
+    """Give freed request temporaries back to the OS (glibc keeps them in the heap otherwise), so the
+    shard's resident memory follows its RAM budget rather than its largest past request."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def shard_names(cfg: EmbeddingConfig) -> list[str]:

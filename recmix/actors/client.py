@@ -8,11 +8,13 @@ answers back; numpy arrays travel through the object store without per-row copie
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 
+from recmix.actors import shm
 from recmix.actors.rows import segment_sum
 from recmix.platform.hashing import shard_of
 
@@ -21,7 +23,7 @@ from recmix.platform.hashing import shard_of
 class Pulled:
     ids: np.ndarray         # [U] sorted unique ids
     inverse: np.ndarray     # [N] position of each batch id in `ids`
-    values: np.ndarray      # [U, E]
+    values: np.ndarray      # [U, E] (with copy=False possibly a view of the transfer buffer)
     admitted: np.ndarray    # [U] bool: False = default (zero) row that takes no update
     state: np.ndarray | None  # [U, S] when asked for
 
@@ -40,10 +42,14 @@ def check_batch_ids(table: str, ids) -> np.ndarray:
 
 
 class PSClient:
-    def __init__(self, shards: list, dims: dict[str, int], state_widths: dict[str, int]):
+    def __init__(self, shards: list, dims: dict[str, int], state_widths: dict[str, int], same_node_buffers: bool = True):
         self.shards = list(shards)
         self.dims = dict(dims)
         self.swidth = dict(state_widths)
+        # One /dev/shm transfer buffer per shard for pull answers (shm.py); None = object store only.
+        tag = uuid.uuid4().hex[:8]
+        self.buffers = [shm.Buffer(f"{tag}-{i}") if same_node_buffers and shm.available() else None
+                        for i in range(len(self.shards))]
 
     @property
     def n_shards(self) -> int:
@@ -68,9 +74,42 @@ class PSClient:
         got = ray.get(list(refs.values()))
         return dict(zip(refs.keys(), got))
 
+    def _pull_calls(self, per_shard: dict[int, dict], with_state: bool) -> dict[int, dict]:
+        """One concurrent call per shard; through the shard's shared buffer where there is one."""
+        refs, plain = {}, {}
+        for s, req in per_shard.items():
+            buf = self.buffers[s]
+            if buf is None:
+                plain[s] = req
+                continue
+            spec, off = {}, 0
+            for t, ids in req.items():
+                n = ids.shape[0]
+                ioff, voff = off, shm.align(off + 8 * n)
+                off = shm.align(voff + 4 * n * self.dims[t])
+                spec[t] = (ioff, n, voff)
+            buf.ensure(off)
+            for t, (ioff, n, _) in spec.items():
+                buf.view(np.int64, ioff, (n,))[:] = req[t]
+            refs[s] = (self.shards[s].pull_shm.remote(buf.path, spec, with_state), spec)
+        plain_refs = {s: self.shards[s].pull.remote(req, with_state) for s, req in plain.items()}
+        out = {}
+        for s, (ref, spec) in refs.items():
+            got = ray.get(ref)
+            if got is None:                                   # shard on another node: no shared buffer
+                self.buffers[s] = None
+                out[s] = ray.get(self.shards[s].pull.remote(per_shard[s], with_state))
+                continue
+            buf = self.buffers[s]
+            out[s] = {t: (buf.view(np.float32, spec[t][2], (spec[t][1], self.dims[t])), ok, st)
+                      for t, (_, ok, st) in got.items()}
+        out.update(zip(plain_refs.keys(), ray.get(list(plain_refs.values()))))
+        return out
+
     # ---- pulls ---------------------------------------------------------------------------------
-    def pull_unique(self, batch: dict[str, np.ndarray], with_state: bool = False) -> dict[str, Pulled]:
-        """One call per shard for all tables of the batch; results per table over its unique ids."""
+    def pull_unique(self, batch: dict[str, np.ndarray], with_state: bool = False, copy: bool = True) -> dict[str, Pulled]:
+        """One call per shard for all tables of the batch; results per table over its unique ids.
+        copy=False may return values that view the transfer buffer: valid until the next pull."""
         plan, per_shard = {}, {}
         for table, ids in batch.items():
             flat = check_batch_ids(self._table(table), ids)
@@ -78,13 +117,15 @@ class PSClient:
             parts = self._split(table, u)
             plan[table] = (u, inv, parts)
             for s, pos in parts:
-                per_shard.setdefault(s, {})[table] = u[pos]
-        res = self._call("pull", per_shard, with_state) if per_shard else {}
+                per_shard.setdefault(s, {})[table] = u[pos] if self.n_shards > 1 else u
+        res = self._pull_calls(per_shard, with_state) if per_shard else {}
         out = {}
         for table, (u, inv, parts) in plan.items():
             e, sw = self.dims[table], self.swidth[table]
             if self.n_shards == 1 and parts:
                 vals, ok, st = res[0][table]
+                if copy:
+                    vals = np.array(vals)
             else:
                 vals = np.empty((u.shape[0], e), np.float32)
                 ok = np.empty(u.shape[0], bool)
@@ -97,10 +138,22 @@ class PSClient:
             out[table] = Pulled(u, inv, vals, ok, st)
         return out
 
-    def pull(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{table: ids of any shape (...)} -> {table: rows (..., E)} in batch order."""
-        got = self.pull_unique(batch)
-        return {t: p.rows().reshape(*np.shape(batch[t]), self.dims[t]) for t, p in got.items()}
+    def pull(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """{table: ids of any shape (...)} -> {table: rows (..., E)} in batch order; `out` may supply
+        preallocated float32 (..., E) arrays to fill (reused buffers avoid first-touch page faults)."""
+        got = self.pull_unique(batch, copy=False)
+        res = {}
+        for t, p in got.items():
+            shape = (*np.shape(batch[t]), self.dims[t])
+            o = (out or {}).get(t)
+            if o is None:
+                res[t] = p.rows().reshape(shape)
+            elif o.shape != shape or o.dtype != np.float32:
+                raise ValueError(f"table '{t}': out must be float32 of shape {shape}, got {o.dtype} {o.shape}")
+            else:
+                np.take(p.values, p.inverse.reshape(-1), axis=0, out=o.reshape(-1, self.dims[t]))
+                res[t] = o
+        return res
 
     # ---- pushes --------------------------------------------------------------------------------
     def _push(self, method: str, batch: dict, wait: bool):
@@ -137,3 +190,9 @@ class PSClient:
 
     def counts(self) -> list[dict]:
         return ray.get([s.counts.remote() for s in self.shards])
+
+    def close(self) -> None:
+        """Remove the shared transfer buffers (the shards are not touched)."""
+        for b in self.buffers:
+            if b is not None:
+                b.close()

@@ -61,7 +61,7 @@ class PSEmbeddingLookup(EmbeddingLookup):
             rows_UE = self.ws.gather(table, key)
         else:
             self.wait()
-            p = self.client.pull_unique({table: flat})[table]
+            p = self.client.pull_unique({table: flat}, copy=False)[table]
             inv, key = p.inverse, p.ids
             rows_UE = torch.from_numpy(np.array(p.values)).to(self.device)
         anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
@@ -98,6 +98,7 @@ class PSEmbeddingLookup(EmbeddingLookup):
         import ray
 
         self.wait()
+        self.client.close()
         for s in self.shards:
             ray.kill(s)
 

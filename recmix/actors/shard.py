@@ -131,8 +131,9 @@ class ShardCore:
         return slots
 
     # ---- API ---------------------------------------------------------------------------------
-    def pull(self, req: dict, with_state: bool = False) -> dict:
-        """{table: ids} -> {table: (values [n, E], admitted [n], state [n, S] or None)} in ids order."""
+    def pull(self, req: dict, with_state: bool = False, out: dict | None = None) -> dict:
+        """{table: ids} -> {table: (values [n, E], admitted [n], state [n, S] or None)} in ids order.
+        `out` ({table: float32 [n, E]}) receives the values instead of new arrays (shared buffers)."""
         prepared = {}
         for table, ids in req.items():
             ids = check_ids(self._table(table), ids)
@@ -141,7 +142,7 @@ class ShardCore:
             else:
                 prepared[table] = np.unique(ids, return_inverse=True)
         now = time.time()
-        out = {}
+        res = {}
         for table, (u, inv) in prepared.items():
             ram = self.ram[table]
             parts = self._chunks(u.shape[0])
@@ -150,7 +151,10 @@ class ShardCore:
                 slots = self._resolve(table, u, admit=True, now=now, count=True)
                 ok = slots >= 0
                 if ok.all():
-                    vals = ram.values[slots]
+                    if out is not None and table in out and inv is None:
+                        vals = np.take(ram.values, slots, axis=0, out=out[table])
+                    else:
+                        vals = ram.values[slots]
                     state = ram.state[slots] if with_state else None
                 else:
                     vals, state = self._gather(table, slots, ok, with_state)
@@ -169,9 +173,12 @@ class ShardCore:
             if inv is not None:
                 vals, ok = vals[inv], ok[inv]
                 state = state[inv] if state is not None else None
+            if out is not None and table in out and vals is not out[table]:
+                out[table][...] = vals
+                vals = out[table]
             self.stats[table]["pulled"] += int(u.shape[0])
-            out[table] = (vals, ok, state)
-        return out
+            res[table] = (vals, ok, state)
+        return res
 
     def _gather(self, table: str, slots: np.ndarray, ok: np.ndarray, with_state: bool):
         """Values (and state) of slots; zeros (the default row) where ok is False."""

@@ -44,7 +44,7 @@ class WorkingSet:
     def begin(self, ids_by_table: dict[str, np.ndarray]) -> int:
         if self.sets:
             raise ValueError("a pass is already open: call end_pass() before begin_pass()")
-        got = self.client.pull_unique(ids_by_table, with_state=True)
+        got = self.client.pull_unique(ids_by_table, with_state=True, copy=False)
         total = sum(p.ids.shape[0] for p in got.values())
         if total > self.max_rows:
             raise ValueError(f"the pass touches {total} unique ids, more than hbm_rows={self.max_rows}")

@@ -77,7 +77,7 @@ def _pull_and_push(root, batches, shard_counts, res, rows) -> None:
         try:
             for x in batches:                                           # warm: create every row
                 client.pull({"t": x})
-            r = max(_rate(lambda x: client.pull({"t": x}), batches, b) for _ in range(2))
+            r = max(_rate(lambda x: client.pull({"t": x}, out={"t": out}), batches, b) for _ in range(2))
             res[f"pull_{s}_shards_rows_s"] = r
             res[f"pull_{s}_shards_ratio"] = r / base
             rows.append([f"pull: client, {s} shard(s)", r, base, r / base, ">= 0.5 (1 shard)" if s == 1 else ""])
