@@ -23,30 +23,37 @@ from .pertoken import PerTokenSwiGLU
 
 
 def grouped_experts(x_BPW: torch.Tensor, bank_N: torch.Tensor, row_N: torch.Tensor, pos_N: torch.Tensor,
-                   gate_N: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+                    gate_N: torch.Tensor, experts: nn.Module, k_per_row: int | None = None) -> torch.Tensor:
     """Sum over assignments n of gate_n * expert[bank_n](x[row_n, pos_n]), into (B, P, W).
 
-    `experts` maps (C, G, W) -> (C, G, W) with G banks (PerTokenSwiGLU or PerTokenFFN).
-
-    Rows are sorted by bank and packed into a (C, G, W) tensor (zero rows pad the less-used banks), so every
-    expert runs one slice of a single batched matmul; cost ~ G*C rows instead of B*P*E_r.
+    `experts` maps (C, G, W) -> (C, G, W) with G banks (PerTokenSwiGLU or PerTokenFFN). Assignments are
+    ranked within their bank (one argsort) and packed bank-major into a (G, C, W) buffer, zero rows padding
+    the less-used banks, so all experts run as one batched matmul; cost ~ G*C rows instead of B*P*E.
+    With `k_per_row` the assignments are in (B, P, K) row-major order and are combined by a reshape+sum
+    instead of a scatter-add.
     """
     B, P, W = x_BPW.shape
     G = experts.w_in.n_banks
+    N = bank_N.numel()
+    if N == 0:
+        return x_BPW.new_zeros(B, P, W)
     order = torch.argsort(bank_N)
-    bank_s, row_s, pos_s, gate_s = bank_N[order], row_N[order], pos_N[order], gate_N[order]
-    counts_G = torch.bincount(bank_s, minlength=G)
-    C = int(counts_G.max()) if bank_s.numel() else 0
-    y_BPW = x_BPW.new_zeros(B * P, W)
-    if C == 0:
-        return y_BPW.reshape(B, P, W)
+    counts_G = torch.bincount(bank_N, minlength=G)
+    C = int(counts_G.max())
     start_G = torch.cumsum(counts_G, 0) - counts_G
-    slot_s = torch.arange(bank_s.numel(), device=x_BPW.device) - start_G[bank_s]
-    xin_CGW = x_BPW.new_zeros(C, G, W)
-    xin_CGW[slot_s, bank_s] = x_BPW[row_s, pos_s]
-    out_CGW = experts(xin_CGW)
-    y_NW = out_CGW[slot_s, bank_s] * gate_s.unsqueeze(-1)
-    return y_BPW.index_add(0, row_s * P + pos_s, y_NW).reshape(B, P, W)
+    slot_N = torch.empty_like(bank_N)
+    slot_N[order] = torch.arange(N, device=x_BPW.device) - start_G[bank_N[order]]
+    # Flat index_select / index_copy: their backwards are each other, cheaper than advanced indexing.
+    src_N = row_N * P + pos_N
+    dst_N = bank_N * C + slot_N
+    rows_NW = x_BPW.reshape(B * P, W).index_select(0, src_N)
+    xin_GCW = x_BPW.new_zeros(G * C, W).index_copy(0, dst_N, rows_NW).reshape(G, C, W)
+    # experts take (C, G, W); the transposed view makes the kernel's own transpose a no-op copy-wise
+    out_GCW = experts(xin_GCW.transpose(0, 1)).transpose(0, 1)
+    vals_NW = out_GCW.reshape(G * C, W).index_select(0, dst_N) * gate_N.unsqueeze(-1)
+    if k_per_row is not None:
+        return vals_NW.reshape(B, P, k_per_row, W).sum(2)
+    return x_BPW.new_zeros(B * P, W).index_add(0, src_N, vals_NW).reshape(B, P, W)
 
 
 class TokenRouter(nn.Module):
@@ -106,7 +113,7 @@ class SparsePertokenMoE(nn.Module):
             row_BPK = torch.arange(B, device=x_BPW.device).view(B, 1, 1).expand(B, P, K)
             bank_BPK = pos_BPK * Er + idx_BPK
             routed_BPW = grouped_experts(x_BPW, bank_BPK.reshape(-1), row_BPK.reshape(-1), pos_BPK.reshape(-1),
-                                        gate_BPK.reshape(-1), self.experts)
+                                        gate_BPK.reshape(-1), self.experts, k_per_row=K)
         else:
             gates_BPE = torch.zeros_like(probs_BPE).scatter(-1, idx_BPK, gate_BPK)
             xrep_BGW = x_BPW.unsqueeze(2).expand(B, P, Er, W).reshape(B, P * Er, W)

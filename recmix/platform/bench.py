@@ -21,6 +21,8 @@ _REGISTRY: dict[str, str] = {
     "datagen": "recmix.jobs.bench.datagen:run",
     "ugsep": "recmix.jobs.bench.ugsep:run",
     "ps": "recmix.jobs.bench.ps:run",
+    "models": "recmix.jobs.bench.models:run",
+    "quality": "recmix.jobs.bench.quality:run",
     "w8a16": "recmix.jobs.bench.w8a16:run",
 }
 

@@ -1,0 +1,116 @@
+"""`recmix bench quality`: DLRM-MLP vs RankMixer vs TokenMixer-Large (dense, S-P MoE 1:2) on ml-100k.
+
+Full: 4 models x seeds 0, 1, 2 on the evaluation contract (train 80k / valid 10k / test 10k by time),
+early stopping on valid AUC, test scored once with the best epoch; mean and std over seeds of test AUC,
+logloss, warm-user and cold-user AUC, plus paired bootstraps over users (TokenMixer-Large vs RankMixer,
+RankMixer vs DLRM, MoE vs dense) averaged over seeds. Runs go to a pool of `RECMIX_QUALITY_WORKERS`
+(default 2) single-threaded processes.
+Quick: seed 0, one epoch on the first 4,000 training rows, 2,000 valid/test rows, in-process (a smoke test
+of the same path, not a result).
+
+Dataset: `RECMIX_QUALITY_DATASET` (a prepared dataset URI), default `${RECMIX_ARTIFACTS:-./artifacts}/ml100k`,
+prepared from `examples/prepare-ml100k.yaml`'s source if missing. Point it at a synthetic dataset with the
+same schema to compare on planted interactions.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from recmix.platform.bench import BenchReport
+
+MODELS: dict[str, dict] = {
+    "dlrm_mlp": dict(arch="dlrm_mlp", hidden=[128, 64]),
+    "rankmixer": dict(arch="rankmixer", tokenizer="chunk_per_token", n_tokens=8, d_model=32, n_layers=2, ffn_mult=2.0),
+    "tokenmixer_large": dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=32, n_heads=4, n_layers=2, ffn_mult=2.0),
+    "tokenmixer_large_moe_1_2": dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=32, n_heads=4, n_layers=2,
+                                     ffn_mult=2.0, moe=dict(n_experts=4, n_active=2)),
+}
+PAIRS = [("tokenmixer_large", "rankmixer"), ("rankmixer", "dlrm_mlp"), ("tokenmixer_large_moe_1_2", "tokenmixer_large")]
+
+
+def dataset_uri() -> str:
+    return os.environ.get("RECMIX_QUALITY_DATASET") or os.path.join(os.environ.get("RECMIX_ARTIFACTS", "./artifacts"), "ml100k")
+
+
+def _ensure_ml100k(uri: str) -> None:
+    if os.path.exists(os.path.join(uri, "_manifest.json")) or uri.startswith("s3://"):
+        return
+    from recmix.jobs.prepare import run as prepare
+    from recmix.platform.specs.cluster import ClusterConfig
+    from recmix.platform.specs.prepare import PrepareSpec
+
+    src = os.environ.get("RECMIX_ML100K", os.path.join(os.path.dirname(__file__), "../../../../shared/data/ml-100k"))
+    prepare(PrepareSpec(kind="prepare", source=dict(type="movielens100k", path=os.path.abspath(src)), output=dict(uri=uri)),
+            ClusterConfig())
+
+
+def spec_for(name: str, seed: int, quick: bool, uri: str):
+    from recmix.platform.specs.train import TrainSpec
+
+    return TrainSpec(kind="train", dataset=dict(uri=uri), model=MODELS[name], seed=seed, threads=1, batch_size=512,
+                     epochs=1 if quick else 8, early_stopping=dict(patience=1), output=f"./artifacts/runs/quality/{name}-s{seed}",
+                     optimizer=dict(name="adamw", lr=1e-3))
+
+
+def _one(args) -> dict:
+    name, seed, quick, uri = args
+    from recmix.jobs.train import load_splits, train
+
+    spec = spec_for(name, seed, quick, uri)
+    schema, splits = load_splits(spec)
+    if quick:   # a smoke test of the same path: 4,000 train rows, 2,000 valid/test rows
+        for split, n in (("train", 4000), ("valid", 2000), ("test", 2000)):
+            sa = splits[split]
+            idx = np.arange(min(n, len(sa)))
+            splits[split] = type(sa)({k: v[idx] for k, v in sa.columns.items()}, sa.labels[idx], sa.user_key[idx])
+    res = train(spec, splits, schema, log=lambda s: print(f"[{name} s{seed}] {s}", flush=True), write=not quick)
+    return {"name": name, "seed": seed, "test": res["test"], "valid_auc": res["valid"]["auc"], "best_epoch": res["best_epoch"],
+            "epochs_run": res["epochs_run"], "params_dense": res["counts"]["dense"]["params"],
+            "flops": res["counts"]["dense"]["flops"], "samples_per_s": res["train_samples_per_s"],
+            "probs": res["_test_probs"][:, 0], "labels": splits["test"].labels[:, 0], "users": splits["test"].user_key}
+
+
+def run(quick: bool = False) -> BenchReport:
+    from recmix.jobs.train.metrics import paired_bootstrap
+
+    uri = dataset_uri()
+    _ensure_ml100k(uri)
+    seeds = [0] if quick else [0, 1, 2]
+    jobs = [(n, s, quick, uri) for s in seeds for n in MODELS]
+    workers = int(os.environ.get("RECMIX_QUALITY_WORKERS", "2"))
+    if quick:   # in-process: spawning workers (each importing torch) costs more than the quick runs
+        runs = [_one(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            runs = list(pool.map(_one, jobs))
+    by = {n: [r for r in runs if r["name"] == n] for n in MODELS}
+    rows, results = [], {"dataset": uri, "seeds": seeds, "models": {}, "pairs": {}}
+    for n, rs in by.items():
+        def ms(key, sub="test"):
+            v = np.array([r[sub][key] if sub else r[key] for r in rs], dtype=float)
+            return float(v.mean()), float(v.std())
+        auc_m, auc_s = ms("auc")
+        stats = {"test_auc": [auc_m, auc_s], "test_logloss": list(ms("logloss")), "auc_warm": list(ms("auc_warm")),
+                 "auc_cold": list(ms("auc_cold")), "valid_auc": list(ms("valid_auc", None)),
+                 "epochs": [r["epochs_run"] for r in rs], "params_dense": rs[0]["params_dense"], "flops": rs[0]["flops"],
+                 "per_seed_test_auc": [r["test"]["auc"] for r in rs]}
+        results["models"][n] = stats
+        rows.append([n, f"{auc_m:.4f} ± {auc_s:.4f}", f"{stats['test_logloss'][0]:.4f}", f"{stats['auc_warm'][0]:.4f}",
+                     f"{stats['auc_cold'][0]:.4f}", f"{stats['valid_auc'][0]:.4f}", rs[0]["params_dense"],
+                     "/".join(str(e) for e in stats["epochs"])])
+    for a, b in PAIRS:
+        boots = [paired_bootstrap(ra["labels"], ra["probs"], rb["probs"], ra["users"], n=50 if quick else 200, seed=ra["seed"])
+                 for ra, rb in zip(by[a], by[b])]
+        results["pairs"][f"{a}-{b}"] = {k: float(np.mean([x[k] for x in boots])) for k in boots[0]}
+    notes = [f"dataset {uri}; seeds {seeds}; paired bootstrap over users (mean over seeds): " +
+             "; ".join(f"{k}: d={v['delta']:+.4f} [{v['lo95']:+.4f}, {v['hi95']:+.4f}]" for k, v in results["pairs"].items())]
+    if quick:
+        notes.append("quick: seed 0, 1 epoch on 4,000 training rows, 2,000 valid/test rows -- a smoke test, not a quality figure")
+    return BenchReport(title="quality: test split, mean ± std over seeds",
+                       columns=["model", "test AUC", "logloss", "warm AUC", "cold AUC", "valid AUC", "dense params", "epochs"],
+                       rows=rows, results=results, config={"models": MODELS, "quick": quick}, notes=notes)
