@@ -96,8 +96,13 @@ def test_layer_output_within_1e2_of_the_16bit_layer_and_half_the_bytes(granulari
     assert 0.5 <= bytes8 / bytes16 <= 0.5 + 2.0 / 128  # 1 + 2/g bytes per weight vs 2
 
 
-# I = 45 and I = 1 are not multiples of 8 (torch._weight_int8pack_mm's unsafe case), B = 17 > INT8PACK_MAX_ROWS
-@pytest.mark.parametrize("B,T,I,O", [(1, 1, 1, 1), (3, 2, 45, 33), (5, 3, 64, 20), (17, 2, 40, 24), (16, 4, 256, 96)])
+# I = 45 and I = 1 are not multiples of 8 (torch._weight_int8pack_mm's unsafe case); the last two sit on either
+# side of INT8PACK_MAX_ROWS, where the CPU path switches from int8pack to the int8 -> fp32 bmm
+ABOVE = w8a16.INT8PACK_MAX_ROWS + 1
+
+
+@pytest.mark.parametrize("B,T,I,O", [(1, 1, 1, 1), (3, 2, 45, 33), (5, 3, 64, 20), (ABOVE, 2, 40, 24),
+                                     (w8a16.INT8PACK_MAX_ROWS, 4, 256, 96)])
 @pytest.mark.parametrize("granularity", list(Granularity))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_path_matches_reference(B, T, I, O, granularity, dtype):
@@ -133,3 +138,18 @@ def test_backend_selection_and_override(monkeypatch):
     monkeypatch.setenv(w8a16.BACKEND_ENV, "cuda")
     with pytest.raises(ValueError, match="RECMIX_W8A16_BACKEND='cuda'"):
         w8a16.select_backend(x)
+
+
+def test_bench_candidates_compute_the_same_matmul():
+    """Every CPU candidate `recmix bench w8a16` times is a correct W8A16 / baseline matmul (T, M)-major."""
+    from recmix.jobs.bench import w8a16 as bench
+
+    w, q, s = bench._weights("cpu")
+    for M in (1, 20):
+        outs = {k: fn() for k, fn in bench._cpu_cases(M, w, q, s).items()}
+        ref = outs.pop("fp32")
+        for k, y in outs.items():
+            y_TMO = torch.stack(y) if isinstance(y, list) else y
+            if y_TMO.shape != ref.shape:  # the dispatcher returns (M, T, O)
+                y_TMO = y_TMO.transpose(0, 1)
+            assert rel_err(y_TMO, ref) < 1e-2, (M, k)

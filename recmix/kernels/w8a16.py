@@ -27,9 +27,9 @@ GROUP_SIZE = 128
 _QMAX = 127
 _FP16_TINY = 2.0**-24  # smallest positive fp16: scale floor, so all-zero columns get q = 0 (no 0/0)
 _FP16_MAX = 65504.0
-# Rows per token up to which torch._weight_int8pack_mm (bf16 activations, weights stay int8) beat the
-# dequantize-then-fp32-bmm path on the 2-core AVX2 reference machine; see docs/kernels.md.
-INT8PACK_MAX_ROWS = 16
+# Rows per token up to which torch._weight_int8pack_mm (bf16 activations, weights stay int8) beat or tied
+# the int8 -> fp32 bmm path, one thread, on the AVX2 reference machine (`recmix bench w8a16`, docs/kernels.md).
+INT8PACK_MAX_ROWS = 64
 # torch 2.13's CPU `_weight_int8pack_mm` segfaults (no error) for K = I not a multiple of 8 (measured:
 # K in {2..33, 100, 129} crash, multiples of 8 from 8 to 256 pass); such layers take the bmm path.
 INT8PACK_K_MULTIPLE = 8
