@@ -10,7 +10,7 @@ of the same path, not a result).
 
 Dataset: `RECMIX_QUALITY_DATASET` (a prepared dataset URI), default `${RECMIX_ARTIFACTS:-./artifacts}/ml100k`,
 prepared from `examples/prepare-ml100k.yaml`'s source if missing. Point it at a synthetic dataset with the
-same schema to compare on planted interactions.
+same schema to compare on planted interactions. `RECMIX_QUALITY_SEEDS` (default `0,1,2`) overrides the seeds.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run(quick: bool = False) -> BenchReport:
 
     uri = dataset_uri()
     _ensure_ml100k(uri)
-    seeds = [0] if quick else [0, 1, 2]
+    seeds = [0] if quick else [int(x) for x in os.environ.get("RECMIX_QUALITY_SEEDS", "0,1,2").split(",")]
     jobs = [(n, s, quick, uri) for s in seeds for n in MODELS]
     workers = int(os.environ.get("RECMIX_QUALITY_WORKERS", "2"))
     if quick:   # in-process: spawning workers (each importing torch) costs more than the quick runs
