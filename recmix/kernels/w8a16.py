@@ -29,7 +29,7 @@ _FP16_TINY = 2.0**-24  # smallest positive fp16: scale floor, so all-zero column
 _FP16_MAX = 65504.0
 # Rows per token up to which torch._weight_int8pack_mm (bf16 activations, weights stay int8) beat or tied
 # the int8 -> fp32 bmm path, one thread, on the AVX2 reference machine (`recmix bench w8a16`, docs/kernels.md).
-INT8PACK_MAX_ROWS = 64
+INT8PACK_MAX_ROWS = 32
 # torch 2.13's CPU `_weight_int8pack_mm` segfaults (no error) for K = I not a multiple of 8 (measured:
 # K in {2..33, 100, 129} crash, multiples of 8 from 8 to 256 pass); such layers take the bmm path.
 INT8PACK_K_MULTIPLE = 8

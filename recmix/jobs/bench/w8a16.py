@@ -1,7 +1,7 @@
 """`recmix bench w8a16`: the per-token W8A16 matmul against fp32 and bf16 weights (spec §5.8).
 
 Shape: T = 16 banks, I = 256, O = 1024 (a per-token SwiGLU up-projection), M rows per token in
-{1, 16, 64, 256} (M = B_u on the UG-Sep user path). Cases, timed interleaved (one repetition of every case
+{1, 16, 32, 64, 256} (M = B_u on the UG-Sep user path). Cases, timed interleaved (one repetition of every case
 per round, so machine drift hits all alike; the figure is the fastest round, the least disturbed one on a
 shared machine, as timeit does):
   fp32             torch.bmm, fp32 weights (the baseline of every ratio)
@@ -81,7 +81,7 @@ def _gpu_cases(M: int, w, q, s) -> dict[str, Callable[[], object]]:
 
 
 def run(quick: bool) -> BenchReport:
-    Ms = [1, 16, 64, 256]
+    Ms = [1, 16, 32, 64, 256]  # 32: next to the int8pack / cvt_bmm switch of the CPU backend
     budget_s, min_rounds = (0.5, 3) if quick else (4.0, 7)
     bytes_of = {"fp32": 4 * T * I * O, "bf16": 2 * T * I * O}
     bytes_of["w8a16"] = bytes_of["cand_int8pack"] = bytes_of["cand_cvt_bmm"] = T * I * O + 2 * T * O
