@@ -38,6 +38,7 @@ class EmbeddingShard:
         self.metrics = ShardMetrics(shard_id)
         self.metrics_at = 0.0
         self.attached = Attached()
+        self.handler_s: dict[str, float] = {}          # seconds spent in handlers, per op
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
 
     def _timed(self, op: str, fn, *args):
@@ -45,6 +46,7 @@ class EmbeddingShard:
         out = fn(*args)
         t1 = time.perf_counter()
         self.metrics.observe(op, t1 - t0)
+        self.handler_s[op] = self.handler_s.get(op, 0.0) + (t1 - t0)
         if t1 - self.metrics_at > METRICS_EVERY_S:
             self.metrics.update(self.core.counts())
             self.metrics_at = t1
@@ -106,7 +108,8 @@ class EmbeddingShard:
     def info(self) -> dict:
         return {"pid": os.getpid(), "pass": self.core.pass_id, "path": self.core.path,
                 "reconstructed": self.reconstructed, "restored_rows": self.restored_rows,
-                "lmdb_writes": self.core.lmdb.writes, "lmdb_write_txns": self.core.lmdb.write_txns}
+                "lmdb_writes": self.core.lmdb.writes, "lmdb_write_txns": self.core.lmdb.write_txns,
+                "handler_s": dict(self.handler_s)}
 
     def pid(self) -> int:
         return os.getpid()
