@@ -163,6 +163,21 @@ def test_export_loads_with_weights_only_and_restores_the_same_model(tmp_path):
     assert q_bytes < 0.5 * 2 * sum(sd[k].numel() for k in q_keys) * 1.2
 
 
+@pytest.mark.slow
+def test_export_to_s3_and_load(s3_server, s3_bucket):
+    from recmix.platform.specs.data import StorageConfig
+
+    cfg = StorageConfig(endpoint_url=s3_server)
+    model = quantize_model(tml())
+    batch = random_batch(tiny_schema(), 8, seed=7)
+    uri = f"s3://{s3_bucket}/models/tml.w8a16.pt"
+    export_quantized(model, uri, cfg)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tml(), uri, cfg)(batch).logits_BK, model(batch).logits_BK)
+    with pytest.raises(RecmixError, match="not found"):
+        load_quantized(tml(), f"s3://{s3_bucket}/models/missing.pt", cfg)
+
+
 def test_ugsep_model_runs_quantized_on_bank_ranges():
     torch.manual_seed(0)
     spec = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", n_tokens=4, d_model=16, n_layers=2, ffn_mult=2.0,

@@ -27,6 +27,7 @@ from recmix.kernels.w8a16 import GROUP_SIZE, Granularity, dequantize_w8a16, pert
 from recmix.platform import storage
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.base import StrictModel
+from recmix.platform.specs.data import StorageConfig
 
 FORMAT = "recmix.w8a16"
 FORMAT_VERSION = 1
@@ -178,7 +179,7 @@ def quantize_model(
     return model.eval()
 
 
-def export_quantized(model: nn.Module, uri: str) -> None:
+def export_quantized(model: nn.Module, uri: str, storage_cfg: Optional[StorageConfig] = None) -> None:
     """Write a quantized model's state and plan to a local path or s3:// URI (loadable with weights_only)."""
     meta = getattr(model, "_recmix_w8a16", None)
     if meta is None:
@@ -192,13 +193,13 @@ def export_quantized(model: nn.Module, uri: str) -> None:
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    fs, path = storage.resolve(uri)
+    fs, path = storage.resolve(uri, storage_cfg)
     storage.write_bytes_atomic(fs, path, buf.getvalue())
 
 
-def load_quantized(model: nn.Module, uri: str) -> nn.Module:
+def load_quantized(model: nn.Module, uri: str, storage_cfg: Optional[StorageConfig] = None) -> nn.Module:
     """Rebuild the quantized layers on a freshly built (float) model of the same architecture, then load."""
-    fs, path = storage.resolve(uri)
+    fs, path = storage.resolve(uri, storage_cfg)
     payload = torch.load(io.BytesIO(storage.read_bytes(fs, path)), weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
         raise RecmixError(f"{uri}: not a {FORMAT} v{FORMAT_VERSION} export")
