@@ -17,6 +17,7 @@ Backends (`pertoken_linear_w8a16` picks one; `RECMIX_W8A16_BACKEND=triton|cpu|re
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import os
 from typing import Optional
@@ -133,7 +134,7 @@ def pertoken_linear_w8a16_cpu(
     """Measured-fastest CPU path (docs/kernels.md):
 
     - per_channel, rows <= INT8PACK_MAX_ROWS, I % 8 == 0: `torch._weight_int8pack_mm` per token (the weight stays int8,
-      bf16 activations, oneDNN/ATen vectorized dequant); T calls, T is small (8-32).
+      bf16 activations, ATen's vectorized int8 GEMM), the fp32 scale applied to its output; T calls, T is small.
     - otherwise: int8 -> fp32 conversion of the weight, fp32 bmm, per-channel scale applied to the output
       (exact: the scale is constant along I); per_group dequantizes fully first. The fp32 copy is transient.
     """
@@ -141,10 +142,12 @@ def pertoken_linear_w8a16_cpu(
     B, T, I = x_BTI.shape
     if g is Granularity.per_channel and B <= INT8PACK_MAX_ROWS and I % INT8PACK_K_MULTIPLE == 0:
         x_bf = x_BTI.to(torch.bfloat16)
-        s_bf = s.to(torch.bfloat16)
         q_TOI = q_TIO.transpose(1, 2)
-        outs = [torch._weight_int8pack_mm(x_bf[:, t], q_TOI[t].contiguous(), s_bf[t]) for t in range(T)]
-        y_BTO = torch.stack(outs, dim=1).float()
+        # int8pack wants bf16 scales; converting T*O fp16 scales per call cost more than the M*T*O output
+        # multiply at small M, and scaling in fp32 afterwards keeps s exact (no bf16 rounding of s)
+        ones = _ones_bf16(q_TIO.shape[2])
+        outs = [torch._weight_int8pack_mm(x_bf[:, t], q_TOI[t].contiguous(), ones) for t in range(T)]
+        y_BTO = torch.mul(torch.stack(outs, dim=1), s.float())
     elif g is Granularity.per_channel:
         y_BTO = torch.bmm(x_BTI.float().transpose(0, 1), q_TIO.float()).transpose(0, 1) * s.float()
     else:
@@ -152,6 +155,11 @@ def pertoken_linear_w8a16_cpu(
     if b_TO is not None:
         y_BTO = y_BTO + b_TO.float()
     return y_BTO.to(x_BTI.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _ones_bf16(n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.bfloat16)
 
 
 def select_backend(x_BTI: torch.Tensor) -> Backend:

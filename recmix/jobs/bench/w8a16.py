@@ -2,8 +2,8 @@
 
 Shape: T = 16 banks, I = 256, O = 1024 (a per-token SwiGLU up-projection), M rows per token in
 {1, 16, 32, 64, 256} (M = B_u on the UG-Sep user path). Cases, timed interleaved (one repetition of every case
-per round, so machine drift hits all alike; the figure is the fastest round, the least disturbed one on a
-shared machine, as timeit does):
+per round, the order rotated each round, so machine drift and cache warmth hit all alike; the figure is the
+fastest round, the least disturbed one on a shared machine, as timeit does):
   fp32             torch.bmm, fp32 weights (the baseline of every ratio)
   bf16             torch.bmm, bf16 weights and activations
   w8a16            the dispatcher `pertoken_linear_w8a16` (CPU backend), bf16 activations
@@ -35,12 +35,17 @@ def _time_rounds(cases: dict[str, Callable[[], object]], budget_s: float, min_ro
         fn()
     sync()
     t_start = time.perf_counter()
+    names = list(cases)
+    rnd = 0
     while True:
-        for k, fn in cases.items():
+        # rotate the order each round: a case that shares weights with the one before it (w8a16 and the int8
+        # candidates read the same q) would otherwise always find them warm in cache
+        for k in names[rnd % len(names):] + names[: rnd % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            cases[k]()
             sync()
             times[k].append(time.perf_counter() - t0)
+        rnd += 1
         if len(next(iter(times.values()))) >= min_rounds and time.perf_counter() - t_start > budget_s:
             break
     return {k: min(v) for k, v in times.items()}
