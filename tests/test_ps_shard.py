@@ -256,3 +256,23 @@ def test_hash_index_against_dict():
         assert sorted(got.tolist()) == sorted(ref.pop(k) for k in gone.tolist())
         q = rng.integers(0, 5000, 200)
         assert idx.lookup(q).tolist() == [ref.get(k, -1) for k in q.tolist()]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"shards": 0}, "shards"),
+    ({"optimizer": {"kind": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}}, "betas"),
+    ({"admission": {"policy": "occurrence", "threshold": 2, "filter_slots": 3000}}, "power of two"),
+    ({"tables": [{"name": "a", "dim": 4}, {"name": "a", "dim": 8}]}, "repeated: a"),
+    ({"tables": [{"name": "a", "dim": 4, "initializer": {"kind": "uniform", "low": 0.1, "high": 0.0}}]}, "low < high"),
+    ({"expiry": {"policy": "passes"}}, "after"),
+    ({"eviction": "fifo"}, "eviction"),
+    ({"ram_rowz": 10}, "ram_rowz"),
+])
+def test_config_is_strict(bad, msg):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=msg):
+        EmbeddingConfig(**{"tables": [{"name": "a", "dim": 4}], **bad})
+    cfg = EmbeddingConfig(tables=[{"name": "a", "dim": 4}])
+    with pytest.raises(ValueError, match="unknown embedding table 'b'"):
+        cfg.table("b")

@@ -21,7 +21,7 @@ class HashIndex:
         cap = 1 << max(10, int(2 * max_keys - 1).bit_length())     # load factor <= 0.5 at max_keys
         self.mask = np.uint64(cap - 1)
         self.keys = np.full(cap, EMPTY, np.int64)
-        self.vals = np.zeros(cap, np.int64)
+        self.vals = np.full(cap, -1, np.int64)     # touched now: a fixed cost, not growth under load
         self.live = 0
         self.tombs = 0
 
@@ -96,7 +96,7 @@ class HashIndex:
             cap *= 2
         self.mask = np.uint64(cap - 1)
         self.keys = np.full(cap, EMPTY, np.int64)
-        self.vals = np.zeros(cap, np.int64)
+        self.vals = np.full(cap, -1, np.int64)     # touched now: a fixed cost, not growth under load
         self.live = self.tombs = 0
         if k.shape[0]:
             self.insert(k, v)

@@ -17,6 +17,9 @@ import numpy as np
 from recmix.actors.rows import ids_of, keys_of, rows_of, values_of
 
 SCAN_CHUNK = 1 << 18
+# Keys per getmulti/putmulti call: py-lmdb makes one Python object per key and value; in chunks their
+# small-object arenas are reused instead of growing with the request (resident memory, bench "scale").
+IO_CHUNK = 8192
 _KEY, _VALUE = itemgetter(0), itemgetter(1)
 
 
@@ -38,16 +41,24 @@ class LmdbTier:
         found = np.zeros(ids.shape[0], bool)
         if ids.shape[0] == 0:
             return found, np.empty(0, self.dtypes[table])
+        parts, keys = [], []
         with self.env.begin(db=self.dbs[table], buffers=False) as txn:
-            hits = txn.cursor().getmulti(keys_of(ids))
-        if not hits:
+            cur = txn.cursor()
+            for lo in range(0, ids.shape[0], IO_CHUNK):
+                sub = ids[lo:lo + IO_CHUNK]
+                hits = cur.getmulti(keys_of(sub))
+                if not hits:
+                    continue
+                parts.append(b"".join(map(_VALUE, hits)))          # C-level map: no per-key bytecode
+                if len(hits) == sub.shape[0]:
+                    keys.append(sub)
+                else:
+                    keys.append(ids_of(map(_KEY, hits)))
+                del hits                                           # free the per-key objects chunk by chunk
+        if not parts:
             return found, np.empty(0, self.dtypes[table])
-        rows = rows_of(map(_VALUE, hits), self.dtypes[table])       # C-level map: no per-key bytecode
-        if len(hits) == ids.shape[0]:
-            found[:] = True
-        else:
-            found[np.searchsorted(ids, ids_of(map(_KEY, hits)))] = True
-        return found, rows
+        found[np.searchsorted(ids, np.concatenate(keys))] = True
+        return found, rows_of(parts, self.dtypes[table])
 
     def put(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
         """One write transaction, keys in ascending order (sequential in the B-tree)."""
@@ -56,7 +67,9 @@ class LmdbTier:
         order = np.argsort(ids, kind="stable")
         ids, rows = ids[order], rows[order]
         with self.env.begin(write=True, db=self.dbs[table]) as txn:
-            txn.cursor().putmulti(zip(keys_of(ids), values_of(rows)))
+            cur = txn.cursor()
+            for lo in range(0, ids.shape[0], IO_CHUNK):             # one transaction, bounded temporaries
+                cur.putmulti(zip(keys_of(ids[lo:lo + IO_CHUNK]), values_of(rows[lo:lo + IO_CHUNK])))
         self.writes += ids.shape[0]
         self.write_txns += 1
 

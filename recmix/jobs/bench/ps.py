@@ -167,7 +167,9 @@ def _scale(root, n_rows: int, cap: int, batch: int, n_batches: int, res, rows, n
         mem = ray.get(shard.memory.remote())
         d = {k: after[k] - before[k] for k in ("ram_hits", "lmdb_hits", "misses")}
         seen = max(1, sum(d.values()))
-        slab = cap * (4 * DIM + 4 + 8 * 4 + 1 + 8)       # values, state, pass/time/count/tick, flags, id
+        # Slabs that fill as rows arrive: values, state, pass/time/count/tick, flags. The id slab, free list
+        # and hash index are written in full when the shard starts, so they are in the empty-shard overhead.
+        slab = cap * (4 * DIM + 4 + 8 * 4 + 1)
         within = (mem["RssAnon"] - overhead) / slab
         res.update(scale_rows=n_rows, scale_ram_rows=cap, scale_load_rows_s=n_rows / load_s,
                    scale_workload_ids_s=2 * batch * n_batches / work_s, scale_ram_hit_rate=d["ram_hits"] / seen,
@@ -179,7 +181,7 @@ def _scale(root, n_rows: int, cap: int, batch: int, n_batches: int, res, rows, n
         rows.append(["scale: RAM / LMDB hit rate", d["ram_hits"] / seen, d["lmdb_hits"] / seen, "", ""])
         rows.append(["scale: (RssAnon - overhead) / slab budget", within, "", "", "<= 1.2"])
         notes.append(f"scale: slab budget {slab / 2**20:.0f} MB for {cap:,} rows; fixed overhead {overhead / 2**20:.0f} MB "
-                     f"(empty shard: process, numpy/ray, id index); RssAnon {mem['RssAnon'] / 2**20:.0f} MB; LMDB pages "
+                     f"(empty shard: process, numpy, Ray, id slab, free list, hash index); RssAnon {mem['RssAnon'] / 2**20:.0f} MB; LMDB pages "
                      f"mapped (RssFile, page cache) {mem['RssFile'] / 2**20:.0f} MB")
         assert after["ram"] <= cap
     finally:
