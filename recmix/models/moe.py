@@ -27,8 +27,8 @@ def grouped_experts(x_BPW: torch.Tensor, bank_N: torch.Tensor, row_N: torch.Tens
     """Sum over assignments n of gate_n * expert[bank_n](x[row_n, pos_n]), into (B, P, W).
 
     `experts` maps (C, G, W) -> (C, G, W) with G banks (PerTokenSwiGLU or PerTokenFFN). Assignments are
-    ranked within their bank (one argsort) and packed bank-major into a (G, C, W) buffer, zero rows padding
-    the less-used banks, so all experts run as one batched matmul; cost ~ G*C rows instead of B*P*E.
+    ranked within their bank (one argsort) and gathered bank-major into a (G, C, W) buffer, zero rows
+    padding the less-used banks, so all experts run as one batched matmul; cost ~ G*C rows instead of B*P*E.
     With `k_per_row` the assignments are in (B, P, K) row-major order and are combined by a reshape+sum
     instead of a scatter-add.
     """
@@ -43,11 +43,14 @@ def grouped_experts(x_BPW: torch.Tensor, bank_N: torch.Tensor, row_N: torch.Tens
     start_G = torch.cumsum(counts_G, 0) - counts_G
     slot_N = torch.empty_like(bank_N)
     slot_N[order] = torch.arange(N, device=x_BPW.device) - start_G[bank_N[order]]
-    # Flat index_select / index_copy: their backwards are each other, cheaper than advanced indexing.
+    # One gather builds the padded buffer: padding slots read an appended zero row (index B*P), so there
+    # is no zero-fill + scatter, and the backward is a single index_add.
     src_N = row_N * P + pos_N
     dst_N = bank_N * C + slot_N
-    rows_NW = x_BPW.reshape(B * P, W).index_select(0, src_N)
-    xin_GCW = x_BPW.new_zeros(G * C, W).index_copy(0, dst_N, rows_NW).reshape(G, C, W)
+    src_GC = torch.full((G * C,), B * P, dtype=torch.long, device=x_BPW.device)
+    src_GC[dst_N] = src_N
+    x_ext = torch.cat([x_BPW.reshape(B * P, W), x_BPW.new_zeros(1, W)])
+    xin_GCW = x_ext.index_select(0, src_GC).reshape(G, C, W)
     # experts take (C, G, W); the transposed view makes the kernel's own transpose a no-op copy-wise
     out_GCW = experts(xin_GCW.transpose(0, 1)).transpose(0, 1)
     vals_NW = out_GCW.reshape(G * C, W).index_select(0, dst_N) * gate_N.unsqueeze(-1)
