@@ -15,8 +15,12 @@ from recmix.platform.specs.model import ModelConfig
 from recmix.platform.specs.ugsep import UGSepConfig
 
 
-def make(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixer_large", **ug):
+def make(**kw):
     torch.manual_seed(0)
+    return build_model(model_cfg(**kw), tiny_schema()).double().eval()
+
+
+def model_cfg(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixer_large", **ug):
     spec = dict(arch=backbone, tokenizer="chunk_per_token", n_tokens=T, d_model=D, n_heads=H, n_layers=L,
                 ffn_mult=2.0, ugsep=ug)
     if backbone == "tokenmixer_large":
@@ -24,7 +28,7 @@ def make(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixer_lar
         spec.update(down_init_std_scale=down, global_token="none" if glob == "none" else "mlp")
         if glob != "none":
             ug["global_token_side"] = glob
-    return build_model(TypeAdapter(ModelConfig).validate_python(spec), tiny_schema()).double().eval()
+    return TypeAdapter(ModelConfig).validate_python(spec)
 
 
 def batch(B, seed=0):
@@ -261,3 +265,16 @@ def test_flops_counter_matches_issued_work_and_formula(kw, C):
     with torch.no_grad(), count_flops() as full:
         base({n: users[n].expand(C, *users[n].shape[1:]) if n in model.user_names else cands[n] for n in cands if n != "labels"})
     assert full[0] - request_flops(base, C)["tokenizer"] == f["baseline_backbone"]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(glob="g", ratio="3:1"), dict(glob="u", ic_proj="dense"),
+                                dict(ic_proj="low_rank", ic_rank=3, ic_mode="pre_mask"), dict(n_user_tokens=0, glob="g"),
+                                dict(backbone="rankmixer")])
+def test_config_counter_matches_module_parameters(kw):
+    from recmix.models import counters
+
+    model = make(**kw)
+    emb = sum(p.numel() for p in model.encoder.lookup.parameters())
+    c = counters.model(model_cfg(**kw), tiny_schema())
+    assert c["embedding_params"] == emb
+    assert c["dense"]["params"] == sum(p.numel() for p in model.parameters()) - emb

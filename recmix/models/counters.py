@@ -160,6 +160,11 @@ def model(cfg, schema) -> dict:
     else:
         T = n_tokens_for(cfg, schema)
         tok, body = tokenizer(cfg, schema), backbone(cfg, T)
+        if getattr(cfg, "ugsep", None) is not None:
+            from .ugsep_counters import config_counts
+
+            tok, ic = config_counts(cfg, schema)
+            body = body + ic
         heads = _heads(cfg.d_model, K, cfg.head_hidden)
         if cfg.arch == "tokenmixer_large":
             heads = heads + _heads(cfg.d_model, K, cfg.head_hidden).scaled(len(cfg.aux_layers()))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 _REGISTRY: dict[str, str] = {
     "datagen": "recmix.jobs.bench.datagen:run",
     "ugsep": "recmix.jobs.bench.ugsep:run",
+    "ugsep_quality": "recmix.jobs.bench.ugsep_quality:run",
     "ps": "recmix.jobs.bench.ps:run",
     "models": "recmix.jobs.bench.models:run",
     "quality": "recmix.jobs.bench.quality:run",

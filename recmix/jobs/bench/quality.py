@@ -49,19 +49,19 @@ def _ensure_ml100k(uri: str) -> None:
             ClusterConfig())
 
 
-def spec_for(name: str, seed: int, quick: bool, uri: str):
+def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str):
     from recmix.platform.specs.train import TrainSpec
 
-    return TrainSpec(kind="train", dataset=dict(uri=uri), model=MODELS[name], seed=seed, threads=1, batch_size=512,
+    return TrainSpec(kind="train", dataset=dict(uri=uri), model=model, seed=seed, threads=1, batch_size=512,
                      epochs=1 if quick else 8, early_stopping=dict(patience=1), output=f"./artifacts/runs/quality/{name}-s{seed}",
                      optimizer=dict(name="adamw", lr=1e-3))
 
 
 def _one(args) -> dict:
-    name, seed, quick, uri = args
+    name, model, seed, quick, uri = args
     from recmix.jobs.train import load_splits, train
 
-    spec = spec_for(name, seed, quick, uri)
+    spec = spec_for(name, model, seed, quick, uri)
     schema, splits = load_splits(spec)
     if quick:   # a smoke test of the same path: 4,000 train rows, 2,000 valid/test rows
         for split, n in (("train", 4000), ("valid", 2000), ("test", 2000)):
@@ -76,19 +76,24 @@ def _one(args) -> dict:
 
 
 def run(quick: bool = False) -> BenchReport:
+    return compare(MODELS, PAIRS, quick, "quality: test split, mean ± std over seeds")
+
+
+def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, title: str) -> BenchReport:
+    """Train every model config on every seed (process pool), then tabulate and bootstrap the pairs."""
     from recmix.jobs.train.metrics import paired_bootstrap
 
     uri = dataset_uri()
     _ensure_ml100k(uri)
     seeds = [0] if quick else [int(x) for x in os.environ.get("RECMIX_QUALITY_SEEDS", "0,1,2").split(",")]
-    jobs = [(n, s, quick, uri) for s in seeds for n in MODELS]
+    jobs = [(n, m, s, quick, uri) for s in seeds for n, m in models.items()]
     workers = int(os.environ.get("RECMIX_QUALITY_WORKERS", "2"))
     if quick:   # in-process: spawning workers (each importing torch) costs more than the quick runs
         runs = [_one(j) for j in jobs]
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             runs = list(pool.map(_one, jobs))
-    by = {n: [r for r in runs if r["name"] == n] for n in MODELS}
+    by = {n: [r for r in runs if r["name"] == n] for n in models}
     rows, results = [], {"dataset": uri, "seeds": seeds, "models": {}, "pairs": {}}
     for n, rs in by.items():
         def ms(key, sub="test"):
@@ -103,7 +108,7 @@ def run(quick: bool = False) -> BenchReport:
         rows.append([n, f"{auc_m:.4f} ± {auc_s:.4f}", f"{stats['test_logloss'][0]:.4f}", f"{stats['auc_warm'][0]:.4f}",
                      f"{stats['auc_cold'][0]:.4f}", f"{stats['valid_auc'][0]:.4f}", rs[0]["params_dense"],
                      "/".join(str(e) for e in stats["epochs"])])
-    for a, b in PAIRS:
+    for a, b in pairs:
         boots = [paired_bootstrap(ra["labels"], ra["probs"], rb["probs"], ra["users"], n=50 if quick else 200, seed=ra["seed"])
                  for ra, rb in zip(by[a], by[b])]
         results["pairs"][f"{a}-{b}"] = {k: float(np.mean([x[k] for x in boots])) for k in boots[0]}
@@ -111,6 +116,6 @@ def run(quick: bool = False) -> BenchReport:
              "; ".join(f"{k}: d={v['delta']:+.4f} [{v['lo95']:+.4f}, {v['hi95']:+.4f}]" for k, v in results["pairs"].items())]
     if quick:
         notes.append("quick: seed 0, 1 epoch on 4,000 training rows, 2,000 valid/test rows -- a smoke test, not a quality figure")
-    return BenchReport(title="quality: test split, mean ± std over seeds",
+    return BenchReport(title=title,
                        columns=["model", "test AUC", "logloss", "warm AUC", "cold AUC", "valid AUC", "dense params", "epochs"],
-                       rows=rows, results=results, config={"models": MODELS, "quick": quick}, notes=notes)
+                       rows=rows, results=results, config={"models": models, "quick": quick}, notes=notes)
