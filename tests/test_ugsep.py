@@ -278,3 +278,30 @@ def test_config_counter_matches_module_parameters(kw):
     c = counters.model(model_cfg(**kw), tiny_schema())
     assert c["embedding_params"] == emb
     assert c["dense"]["params"] == sum(p.numel() for p in model.parameters()) - emb
+
+
+def test_w8a16_quantized_ugsep_keeps_purity_and_split_execution():
+    """After PTQ every per-token bank range runs through the W8A16 dispatcher (forward_banks)."""
+    import copy
+
+    from recmix.models.quantize import W8A16PerTokenLinear, quantize_model
+
+    model = make(ratio="1:1").float()
+    q = quantize_model(copy.deepcopy(model))
+    assert sum(isinstance(m, W8A16PerTokenLinear) for m in q.modules()) >= 4 * len(q.blocks)
+    users, cands = batch(3, seed=11), batch(12, seed=12)
+    for b in (users, cands):
+        b["score"] = b["score"].float()
+    user_index = torch.tensor([0, 1, 2] * 4)
+    full = {n: users[n][user_index] for n in q.user_names} | {n: cands[n] for n in q.cand_names}
+    with torch.no_grad():
+        split = q.score(q.encode_user({n: users[n] for n in q.user_names}),
+                        {n: cands[n] for n in q.cand_names}, user_index).logits_BK
+        torch.testing.assert_close(q(full).logits_BK, split, rtol=1e-5, atol=1e-5)
+        ref = model(full).logits_BK
+        assert float((split - ref).abs().max()) <= 1e-2 * float(ref.abs().max().clamp_min(1.0))
+        changed = dict(full)
+        changed["item_id"] = (full["item_id"] + 1) % 40
+        x1 = q.encode_user({n: full[n] for n in q.user_names}).x_U
+        x2 = q.encode_user({n: changed[n] for n in q.user_names}).x_U
+    assert all(torch.equal(a, c) for a, c in zip(x1, x2))
