@@ -41,7 +41,8 @@ class LmdbTier:
         found = np.zeros(ids.shape[0], bool)
         if ids.shape[0] == 0:
             return found, np.empty(0, self.dtypes[table])
-        parts, keys = [], []
+        out = np.empty(ids.shape[0], self.dtypes[table])
+        n, keys = 0, []
         with self.env.begin(db=self.dbs[table], buffers=False) as txn:
             cur = txn.cursor()
             for lo in range(0, ids.shape[0], IO_CHUNK):
@@ -49,16 +50,14 @@ class LmdbTier:
                 hits = cur.getmulti(keys_of(sub))
                 if not hits:
                     continue
-                parts.append(b"".join(map(_VALUE, hits)))          # C-level map: no per-key bytecode
-                if len(hits) == sub.shape[0]:
-                    keys.append(sub)
-                else:
-                    keys.append(ids_of(map(_KEY, hits)))
+                m = len(hits)
+                out[n:n + m] = rows_of(map(_VALUE, hits), out.dtype)     # C-level map: no per-key bytecode
+                n += m
+                keys.append(sub if m == sub.shape[0] else ids_of(map(_KEY, hits)))
                 del hits                                           # free the per-key objects chunk by chunk
-        if not parts:
-            return found, np.empty(0, self.dtypes[table])
-        found[np.searchsorted(ids, np.concatenate(keys))] = True
-        return found, rows_of(parts, self.dtypes[table])
+        if n:
+            found[np.searchsorted(ids, np.concatenate(keys))] = True
+        return found, out[:n]
 
     def put(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
         """One write transaction, keys in ascending order (sequential in the B-tree)."""
