@@ -97,16 +97,18 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
     rows, results = [], {"dataset": uri, "seeds": seeds, "models": {}, "pairs": {}}
     for n, rs in by.items():
         def ms(key, sub="test"):
+            # None, not NaN, when a split has one class only (quick mode's warm rows): the JSON line stays strict
             v = np.array([r[sub][key] if sub else r[key] for r in rs], dtype=float)
-            return float(v.mean()), float(v.std())
+            return (None, None) if np.isnan(v).any() else (float(v.mean()), float(v.std()))
         auc_m, auc_s = ms("auc")
         stats = {"test_auc": [auc_m, auc_s], "test_logloss": list(ms("logloss")), "auc_warm": list(ms("auc_warm")),
                  "auc_cold": list(ms("auc_cold")), "valid_auc": list(ms("valid_auc", None)),
                  "epochs": [r["epochs_run"] for r in rs], "params_dense": rs[0]["params_dense"], "flops": rs[0]["flops"],
                  "per_seed_test_auc": [r["test"]["auc"] for r in rs]}
         results["models"][n] = stats
-        rows.append([n, f"{auc_m:.4f} ± {auc_s:.4f}", f"{stats['test_logloss'][0]:.4f}", f"{stats['auc_warm'][0]:.4f}",
-                     f"{stats['auc_cold'][0]:.4f}", f"{stats['valid_auc'][0]:.4f}", rs[0]["params_dense"],
+        f4 = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        rows.append([n, f"{f4(auc_m)} ± {f4(auc_s)}", f4(stats["test_logloss"][0]), f4(stats["auc_warm"][0]),
+                     f4(stats["auc_cold"][0]), f4(stats["valid_auc"][0]), rs[0]["params_dense"],
                      "/".join(str(e) for e in stats["epochs"])])
     for a, b in pairs:
         boots = [paired_bootstrap(ra["labels"], ra["probs"], rb["probs"], ra["users"], n=50 if quick else 200, seed=ra["seed"])
