@@ -175,3 +175,28 @@ def test_relu_moe_lambda_drives_active_ratio_down():
         (out.square().mean() * 0 + moe.last_reg).backward()
         opt.step()
     assert moe.last_active_ratio < 0.35, moe.last_active_ratio
+
+
+@pytest.mark.parametrize("moe", [
+    dict(n_experts=4, n_active=2), dict(n_experts=4, n_active=2, positions="mixed", shared_expert="full"),
+    dict(n_experts=4, n_active=3, positions="token", shared_expert="none"),
+])
+def test_moe_param_and_active_counts(moe):
+    cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2, ffn_mult=2.0, moe=moe))
+    model = build_model(cfg, tiny_schema())
+    c = counters.backbone(cfg, model.n_tokens)
+    assert c.params == _block_params(model)
+    # active = params - inactive routed experts
+    inactive = 0
+    for b in model.blocks:
+        for m in b.moe_layers():
+            per_expert = m.experts.w_in.weight[0].numel() + m.experts.w_out.weight[0].numel()
+            inactive += m.n_pos * (m.n_routed - m.k_routed) * per_expert
+    assert c.active_params == c.params - inactive
+
+
+@pytest.mark.parametrize("moe", [dict(n_experts=4), dict(n_experts=4, expert_hidden="fine", dtsi="off")])
+def test_relu_moe_param_count(moe):
+    cfg = CFG.validate_python(dict(arch="rankmixer", n_tokens=4, d_model=16, ffn_mult=2.0, moe=moe))
+    model = build_model(cfg, tiny_schema())
+    assert counters.backbone(cfg, 4).params == _block_params(model)
