@@ -29,20 +29,36 @@ def load_splits(spec: TrainSpec):
     return ds.schema, splits
 
 
-def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=None, log=print, write: bool = True) -> dict:
-    """Fit and evaluate; `splits`/`schema` may be passed in to reuse loaded data across runs (benches)."""
+def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=None, log=print, write: bool = True,
+          cluster=None) -> dict:
+    """Fit and evaluate; `splits`/`schema` may be passed in to reuse loaded data across runs (benches).
+
+    With `spec.embedding` the sparse tables live in parameter-server shards on the Ray cluster `cluster`."""
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     if splits is None:
         schema, splits = load_splits(spec)
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
-    model = build_model(spec.model, schema)
-    opt = make_optimizer(model, spec.optimizer)
-    t0 = time.perf_counter()
-    res = fit(model, splits["train"], splits["valid"], splits["test"], optimizer=opt, batch_size=spec.batch_size,
-              eval_batch_size=spec.eval_batch_size, epochs=spec.epochs, patience=spec.early_stopping.patience,
-              seed=spec.seed, log=log)
+    sharded = None
+    if spec.embedding is not None:
+        from .sparse import ShardedTables
+
+        sharded = ShardedTables(spec, schema, cluster)
+    try:
+        model = build_model(spec.model, schema, sharded.lookup if sharded else None)
+        opt = make_optimizer(model, spec.optimizer)
+        t0 = time.perf_counter()
+        res = fit(model, splits["train"], splits["valid"], splits["test"], optimizer=opt, batch_size=spec.batch_size,
+                  eval_batch_size=spec.eval_batch_size, epochs=spec.epochs, patience=spec.early_stopping.patience,
+                  seed=spec.seed, log=log, snapshot=sharded.snapshot if sharded else None,
+                  restore=sharded.restore if sharded else None)
+        if sharded is not None and write:
+            res["embeddings"] = sharded.save_final()
+            res["ps_rows"] = sharded.lookup.client.counts()
+    finally:
+        if sharded is not None:
+            sharded.close()
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     res["arch"] = spec.model.arch
     res["seed"] = spec.seed
@@ -65,6 +81,6 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
 
 
 def run(spec: TrainSpec, cluster=None) -> dict:
-    """CLI entry (`recmix run train.yaml`): single process; the Ray cluster config is not used."""
-    res = train(spec)
+    """CLI entry (`recmix run train.yaml`): one training process; Ray only hosts parameter-server shards."""
+    res = train(spec, cluster=cluster)
     return {k: v for k, v in res.items() if not k.startswith("_") and k != "history"}

@@ -68,7 +68,10 @@ def evaluate(model: RankingModel, data: SplitArrays, batch_size: int, warm_users
 
 def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: SplitArrays, *, optimizer: torch.optim.Optimizer,
         batch_size: int, eval_batch_size: int, epochs: int, patience: int, seed: int,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, snapshot: Callable[[int], None] | None = None,
+        restore: Callable[[int], None] | None = None) -> dict:
+    """`snapshot(epoch)` / `restore(epoch)` keep state outside the model's state_dict (parameter-server
+    rows) in step with the best epoch's dense weights."""
     rng = np.random.default_rng(seed)
     warm_users = np.unique(train.user_key)
     best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0
@@ -95,6 +98,8 @@ def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: Split
         if val["auc"] > best_auc:
             best_auc, best_epoch, bad = val["auc"], epoch, 0
             best_state = copy.deepcopy(model.state_dict())
+            if snapshot is not None:
+                snapshot(epoch)
         else:
             bad += 1
             if bad > patience:
@@ -102,6 +107,8 @@ def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: Split
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+        if restore is not None and best_epoch != len(history):
+            restore(best_epoch)
     val = evaluate(model, valid, eval_batch_size)
     tst = evaluate(model, test, eval_batch_size, warm_users)
     probs = tst.pop("_probs")

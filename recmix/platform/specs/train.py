@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from .base import StrictModel
 from .data import DatasetConfig, StorageConfig, Uri, check_uri
+from .embedding import EmbeddingConfig, LookupMode
 from .model import ModelConfig
 
 
@@ -43,11 +44,22 @@ class TrainSpec(StrictModel):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     # torch intra-op threads; None keeps torch's default. 1 is fastest for small models on a busy machine.
     threads: Optional[Annotated[int, Field(gt=0, le=1024)]] = None
-    # Artifacts: <output>/metrics.json and <output>/model.pt (state_dict; torch.load(weights_only=True)).
+    # Artifacts: <output>/metrics.json and <output>/model.pt (state_dict; torch.load(weights_only=True)),
+    # plus <output>/embeddings/ (a parameter-server checkpoint) when `embedding` is set.
     output: Uri
     storage: StorageConfig = StorageConfig()
+    # Present = the sparse tables live in parameter-server shards (Ray actors) instead of the model.
+    embedding: Optional[EmbeddingConfig] = None
 
     @field_validator("output")
     @classmethod
     def _uri(cls, v: str) -> str:
         return check_uri(v)
+
+    @field_validator("embedding")
+    @classmethod
+    def _batch_mode(cls, v: Optional[EmbeddingConfig]) -> Optional[EmbeddingConfig]:
+        if v is not None and v.mode is not LookupMode.batch:
+            raise ValueError(f"the train job runs embedding.mode 'batch' (got '{v.mode.value}'); pass mode is driven "
+                             "through PSEmbeddingLookup.begin_pass/end_pass from Python")
+        return v

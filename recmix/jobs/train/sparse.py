@@ -1,0 +1,49 @@
+"""Training with the sparse tables in parameter-server shards (`embedding:` in the train spec).
+
+The model receives a `PSEmbeddingLookup` instead of local tables (model code is unchanged). Dense weights
+follow the best epoch through the state_dict; the shards' rows follow it through PS checkpoints taken at
+every new best epoch (`snapshot`) and loaded back when a later epoch was worse (`restore`). After
+training the shards are checkpointed to `<output>/embeddings` and their actors are stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from recmix.actors import checkpoint
+from recmix.actors.lookup import PSEmbeddingLookup, build_lookup
+from recmix.models.embedding import tables_from_schema
+from recmix.platform import cluster as ray_cluster
+from recmix.platform import storage
+from recmix.platform.specs.cluster import ClusterConfig
+from recmix.platform.specs.train import TrainSpec
+
+
+class ShardedTables:
+    def __init__(self, spec: TrainSpec, schema, cluster: ClusterConfig | None):
+        ray_cluster.connect(cluster or ClusterConfig(), include_dashboard=False)
+        self.spec = spec
+        self.lookup: PSEmbeddingLookup = build_lookup(spec.embedding, tables_from_schema(schema))
+        self._tmp = tempfile.mkdtemp(prefix="recmix-ps-best-")
+
+    def _uri(self, epoch: int) -> str:
+        return f"{self._tmp}/epoch-{epoch}"
+
+    def snapshot(self, epoch: int) -> None:
+        self.lookup.wait()
+        checkpoint.save(self.lookup.client, self._uri(epoch))
+
+    def restore(self, epoch: int) -> None:
+        self.lookup.wait()
+        checkpoint.restore(self.lookup.client, self._uri(epoch))
+
+    def save_final(self) -> str:
+        uri = storage.join(self.spec.output, "embeddings")
+        self.lookup.wait()
+        checkpoint.save(self.lookup.client, uri, self.spec.storage)
+        return uri
+
+    def close(self) -> None:
+        self.lookup.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
