@@ -45,14 +45,10 @@ def test_example_default_data_path_is_the_shared_copy(monkeypatch, ml100k_dir):
     assert (REPO / "../shared/data/ml-100k").resolve() == ml100k_dir.resolve()
 
 
-def test_run_ml100k_to_s3(env, tmp_path, s3_server, capsys):
-    import uuid
-
+def test_run_ml100k_to_s3(env, tmp_path, s3_server, s3_bucket, capsys):
     import pyarrow.fs as pafs
 
-    bucket = f"recmix-{uuid.uuid4().hex[:12]}"
-    pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
-                      allow_bucket_creation=True).create_dir(bucket)
+    bucket = s3_bucket
     spec = yaml.safe_load((REPO / "examples/prepare-ml100k.yaml").read_text())
     spec["output"]["uri"] = f"s3://{bucket}/datasets/ml100k"
     spec["storage"] = {"endpoint_url": s3_server}

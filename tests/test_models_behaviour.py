@@ -13,13 +13,7 @@ from recmix.platform.specs.model import ModelConfig
 CFG = TypeAdapter(ModelConfig)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a loaded 2-core CI box (10x slower measured)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
     "tml_dense": dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=3),

@@ -19,13 +19,7 @@ from recmix.platform.specs.model import ModelConfig
 CFG = TypeAdapter(ModelConfig)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a loaded 2-core CI box (10x slower measured)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("T,D,H", [(4, 8, 2), (5, 12, 3), (16, 64, 16), (3, 16, 8), (7, 6, 1), (2, 24, 24)])

@@ -18,13 +18,7 @@ from recmix.platform.specs.model import PRESETS, ModelConfig, SPMoEConfig, ReLUM
 CFG = TypeAdapter(ModelConfig)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a loaded 2-core CI box (10x slower measured)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense_from_experts(moe: SparsePertokenMoE) -> PerTokenSwiGLU:

@@ -81,21 +81,8 @@ def test_zipf_ids_and_planted_interaction(generated):
     assert s[ratings >= 4].mean() > 0.5 > -0.5 > s[ratings <= 2].mean()
 
 
-@pytest.fixture
-def bucket(s3_server):
-    """A fresh bucket (conftest's `s3_bucket` lacks allow_bucket_creation on pyarrow 26; see docs/data.md)."""
-    import uuid
-
-    import pyarrow.fs as pafs
-
-    name = f"recmix-{uuid.uuid4().hex[:12]}"
-    pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
-                      access_key="testing", secret_key="testing", allow_bucket_creation=True).create_dir(name)
-    return name
-
-
-@pytest.mark.slow
-def test_synthetic_to_s3(ray_cluster, s3_server, bucket):
+def test_synthetic_to_s3(ray_cluster, s3_server, s3_bucket):
+    bucket = s3_bucket
     s3_bucket = bucket
     uri = f"s3://{s3_bucket}/syn"
     spec = PrepareSpec.model_validate({"kind": "prepare", "output": {"uri": uri}, "storage": {"endpoint_url": s3_server},

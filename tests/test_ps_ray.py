@@ -128,18 +128,8 @@ def test_checkpoint_restore_onto_other_shard_count(ray_cluster, tmp_path):
         checkpoint.restore(other, str(tmp_path / "empty"))
 
 
-@pytest.fixture
-def ps_bucket(s3_server):
-    """A fresh bucket (conftest's `s3_bucket` lacks allow_bucket_creation, which pyarrow 26 needs)."""
-    import pyarrow.fs as pafs
-
-    name = f"recmix-ps-{uuid.uuid4().hex[:10]}"
-    pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
-                      access_key="testing", secret_key="testing", allow_bucket_creation=True).create_dir(name)
-    return name
-
-
-def test_checkpoint_to_s3_and_restart_from_it(ray_cluster, tmp_path, s3_server, ps_bucket):
+def test_checkpoint_to_s3_and_restart_from_it(ray_cluster, tmp_path, s3_server, s3_bucket):
+    ps_bucket = s3_bucket
     cfg = config(tmp_path, shards=2)
     client = client_for(cfg)
     rng = np.random.default_rng(2)
