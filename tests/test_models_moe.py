@@ -12,7 +12,7 @@ from recmix.models.build import build_model
 from recmix.models.moe import SparsePertokenMoE
 from recmix.models.pertoken import PerTokenSwiGLU
 from recmix.models.relu_moe import ReLURoutedMoE
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.synthetic import tiny_schema
 from recmix.platform.specs.model import PRESETS, ModelConfig, SPMoEConfig, ReLUMoEConfig, preset
 
 CFG = TypeAdapter(ModelConfig)

@@ -31,7 +31,7 @@ from .mixing import mix
 from .pertoken import PerTokenLinear, mlp
 from .tokenmixer_large import TokenMixerLargeBlock
 from .ugsep_ic import InformationCompensation
-from .ugsep_ops import linear_banks, swiglu_banks
+from .ugsep_ops import swiglu_banks
 
 
 @dataclass
@@ -235,4 +235,4 @@ def unique_users(batch: dict[str, torch.Tensor], names: list[str]) -> tuple[torc
     return first_U, inverse_B
 
 
-__all__ = ["UGSepTokenMixerLarge", "UserState", "unique_users", "linear_banks"]
+__all__ = ["UGSepTokenMixerLarge", "UserState", "unique_users"]

@@ -91,7 +91,7 @@ class UGSepRankMixer(RankingModel):
         return s + ffn_banks(blk.ffn, blk.norm2(s), lo, hi)
 
     def score(self, state, cand_batch: dict[str, torch.Tensor], user_index: torch.Tensor) -> ModelOutput:
-        B, T, Tu = user_index.shape[0], self.T, self.Tu
+        T, Tu = self.T, self.Tu
         xg = self.cand_tokenizer(_concat(self.cand_encoder(cand_batch), self.cand_names))
         for l, blk in enumerate(self.blocks):
             x_BTD = torch.cat([state.x_U[l][user_index], xg], 1) if Tu else xg
