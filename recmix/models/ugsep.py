@@ -82,7 +82,38 @@ class SideTokenizer(nn.Module):
         return torch.cat(toks, 1)
 
 
-class UGSepTokenMixerLarge(RankingModel):
+class UGSepModel(RankingModel):
+    """What both UG-Sep backbones share: the user/candidate feature split, the full forward with
+    user-level aggregation, and `split_batch`. Subclasses implement `encode_user` and `score`."""
+
+    def _partition(self, schema, n_user_tokens: int) -> None:
+        """User-side features (groups with side 'user') and candidate-side ones, each with its encoder."""
+        user_groups = {g.name for g in schema.groups if g.side.value == "user"} if n_user_tokens else set()
+        self.user_names = [f.name for f in schema.inputs if f.group in user_groups]
+        self.cand_names = [f.name for f in schema.inputs if f.group not in user_groups]
+        if n_user_tokens and not self.user_names:
+            raise ValueError("UG-Sep needs at least one token group with side 'user' in the feature schema")
+        lk, pool = self.encoder.lookup, self.encoder.seq_pooling
+        feat = {f.name: f for f in schema.inputs}
+        self.user_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.user_names]), lk, pool)
+        self.cand_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.cand_names]), lk, pool)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        B = _rows(batch, self.cand_names + self.user_names)
+        if self.Tu and self.ug.train_user_aggregation.value == "on":
+            first_U, user_index = unique_users(batch, self.user_names)
+        else:
+            first_U, user_index = None, torch.arange(B)
+        state = None
+        if self.Tu:
+            state = self.encode_user({n: batch[n] if first_U is None else batch[n][first_U] for n in self.user_names})
+        return self.score(state, {n: batch[n] for n in self.cand_names}, user_index)
+
+    def split_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        return {n: batch[n] for n in self.user_names}, {n: batch[n] for n in self.cand_names}
+
+
+class UGSepTokenMixerLarge(UGSepModel):
     """TokenMixer-Large with UG-Sep masking; `cfg` is a TokenMixerLargeConfig, `ug` its UGSepConfig."""
 
     def __init__(self, cfg, ug, schema, lookup=None):
@@ -103,15 +134,7 @@ class UGSepTokenMixerLarge(RankingModel):
         self.T, self.Tu, self.H, self.Cu, self.D = T, Tu, H, H * Tu // T, D
         self.ug = ug
         widths = self.encoder.widths
-        user_groups = {g.name for g in schema.groups if g.side.value == "user"} if Tu else set()
-        self.user_names = [f.name for f in schema.inputs if f.group in user_groups]
-        self.cand_names = [f.name for f in schema.inputs if f.group not in user_groups]
-        if Tu and not self.user_names:
-            raise ValueError("UG-Sep needs at least one token group with side 'user' in the feature schema")
-        lk, pool = self.encoder.lookup, self.encoder.seq_pooling
-        feat = {f.name: f for f in schema.inputs}
-        self.user_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.user_names]), lk, pool)
-        self.cand_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.cand_names]), lk, pool)
+        self._partition(schema, Tu)
         glob = cfg.global_token.value == "mlp"
         g_side = ug.global_token_side.value
         self.user_tokenizer = SideTokenizer(self.user_names, widths, D, Tu, glob and g_side == "u") if Tu else None
@@ -190,23 +213,6 @@ class UGSepTokenMixerLarge(RankingModel):
             return xg_BTD.mean(1)
         return torch.cat([state.x_U[l][user_index], xg_BTD], 1).mean(1)
 
-    # --- training / full forward ---------------------------------------------------------------------
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        B = _rows(batch, self.cand_names + self.user_names)
-        if self.Tu and self.ug.train_user_aggregation.value == "on":
-            first_U, user_index = unique_users(batch, self.user_names)
-        else:
-            first_U, user_index = None, torch.arange(B)
-        state = None
-        if self.Tu:
-            state = self.encode_user({n: batch[n] if first_U is None else batch[n][first_U] for n in self.user_names})
-        return self.score(state, {n: batch[n] for n in self.cand_names}, user_index)
-
-    def split_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        return {n: batch[n] for n in self.user_names}, {n: batch[n] for n in self.cand_names}
-
-
 def _rows(batch: dict[str, torch.Tensor], names: list[str]) -> int:
     for n in names:
         if n in batch:
@@ -235,4 +241,4 @@ def unique_users(batch: dict[str, torch.Tensor], names: list[str]) -> tuple[torc
     return first_U, inverse_B
 
 
-__all__ = ["UGSepTokenMixerLarge", "UserState", "unique_users"]
+__all__ = ["UGSepModel", "UGSepTokenMixerLarge", "UserState", "unique_users"]

@@ -12,17 +12,15 @@ Information Compensation adds the deleted slices back into candidate mixed token
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelOutput, RankingModel, TaskHeads
-from .embedding import FeatureEncoder
+from .base import ModelOutput, TaskHeads
 from .mixing import mix
 from .rankmixer import RankMixerBlock
-from .ugsep import SideTokenizer, _concat, _rows, unique_users
+from .ugsep import SideTokenizer, UGSepModel, _concat, _rows
 from .ugsep_ic import InformationCompensation
 from .ugsep_ops import linear_banks
 
@@ -43,7 +41,7 @@ def ffn_banks(ffn, x_BPD: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return linear_banks(ffn.w_out, F.gelu(linear_banks(ffn.w_in, x_BPD, lo, hi)), lo, hi)
 
 
-class UGSepRankMixer(RankingModel):
+class UGSepRankMixer(UGSepModel):
     def __init__(self, cfg, ug, schema, lookup=None):
         super().__init__(schema, cfg.embedding, lookup)
         T, D = cfg.n_tokens, cfg.d_model
@@ -52,15 +50,8 @@ class UGSepRankMixer(RankingModel):
         Tu = ug.user_tokens(T)
         self.T, self.Tu, self.H, self.Cu, self.D, self.ug = T, Tu, T, Tu, D, ug
         self.post = cfg.norm_position.value == "post"
-        user_groups = {g.name for g in schema.groups if g.side.value == "user"} if Tu else set()
-        self.user_names = [f.name for f in schema.inputs if f.group in user_groups]
-        self.cand_names = [f.name for f in schema.inputs if f.group not in user_groups]
-        if Tu and not self.user_names:
-            raise ValueError("UG-Sep needs at least one token group with side 'user' in the feature schema")
-        feat = {f.name: f for f in schema.inputs}
-        lk, pool, widths = self.encoder.lookup, self.encoder.seq_pooling, self.encoder.widths
-        self.user_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.user_names]), lk, pool)
-        self.cand_encoder = FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in self.cand_names]), lk, pool)
+        self._partition(schema, Tu)
+        widths = self.encoder.widths
         self.user_tokenizer = SideTokenizer(self.user_names, widths, D, Tu, False) if Tu else None
         self.cand_tokenizer = SideTokenizer(self.cand_names, widths, D, T - Tu, False)
         self.blocks = nn.ModuleList([RankMixerBlock(cfg, T) for _ in range(cfg.n_layers)])
@@ -103,16 +94,3 @@ class UGSepRankMixer(RankingModel):
             xg = self._block_tail(blk, xg, mg, Tu, T)
         pooled = torch.cat([state.x_U[-1][user_index], xg], 1).mean(1) if Tu else xg.mean(1)
         return ModelOutput(self.heads(pooled), [], None)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        B = _rows(batch, self.cand_names + self.user_names)
-        state, user_index = None, torch.arange(B)
-        if self.Tu:
-            first_U = None
-            if self.ug.train_user_aggregation.value == "on":
-                first_U, user_index = unique_users(batch, self.user_names)
-            state = self.encode_user({n: batch[n] if first_U is None else batch[n][first_U] for n in self.user_names})
-        return self.score(state, {n: batch[n] for n in self.cand_names}, user_index)
-
-    def split_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        return {n: batch[n] for n in self.user_names}, {n: batch[n] for n in self.cand_names}

@@ -37,7 +37,8 @@ def _model(schema, T, D, L, ugsep: dict):
 def _request(schema, C: int, seed: int):
     user = random_batch(schema, 1, seed)
     cands = random_batch(schema, C, seed + 1)
-    user_names = [f.name for f in schema.inputs if f.group in ("user", "history")]
+    user_groups = {g.name for g in schema.groups if g.side.value == "user"}
+    user_names = [f.name for f in schema.inputs if f.group in user_groups]
     full = {n: (user[n].expand(C, *user[n].shape[1:]).contiguous() if n in user_names else cands[n]) for n in cands if n != "labels"}
     return full
 
