@@ -1,4 +1,8 @@
-"""Shared test fixtures: one Ray cluster and one S3-compatible server per test session."""
+"""Fixtures shared by both tiers: data paths, thread settings, one S3-compatible server per session.
+
+Two tiers: `tests/unit` (no Ray: `ray.init` raises there) and `tests/integration` (one shared local Ray
+cluster per session). `testpaths` runs the unit tier first, so no cluster exists while it runs.
+"""
 
 from __future__ import annotations
 
@@ -39,17 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """The one Ray cluster of a test session (4 logical CPUs on 2 cores leaves room for Ray Data)."""
-    from recmix.platform import cluster
-    from recmix.platform.specs.cluster import ClusterConfig
-
-    ctx = cluster.connect(ClusterConfig(num_cpus=4), include_dashboard=False)
-    yield ctx
-    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embedding import EmbeddingLookup, FeatureEncoder, LocalEmbeddingLookup, tables_from_schema
-from .pertoken import mlp
+from .token_layers import mlp
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pertoken import PerTokenSwiGLU
+from .token_layers import PerTokenSwiGLU
 
 
 def grouped_experts(x_BPW: torch.Tensor, bank_N: torch.Tensor, row_N: torch.Tensor, pos_N: torch.Tensor,

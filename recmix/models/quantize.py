@@ -112,7 +112,7 @@ class W8A16Linear(W8A16PerTokenLinear):
 
 def _pertoken_classes() -> tuple[type, ...]:
     try:
-        from recmix.models.pertoken import PerTokenLinear
+        from recmix.models.token_layers import PerTokenLinear
     except ImportError:  # models engineer's module not there yet: nothing to find
         return ()
     return (PerTokenLinear,)

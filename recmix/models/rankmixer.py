@@ -14,7 +14,7 @@ from torch import nn
 
 from .base import ModelOutput, RankingModel, TaskHeads
 from .mixing import mix
-from .pertoken import PerTokenFFN, make_norm
+from .token_layers import PerTokenFFN, make_norm
 from .relu_moe import ReLURoutedMoE
 from .tokenizers import build_tokenizer
 

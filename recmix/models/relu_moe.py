@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe import TokenRouter, grouped_experts
-from .pertoken import PerTokenFFN
+from .token_layers import PerTokenFFN
 
 
 class ReLURoutedMoE(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pertoken import PerTokenLinear, mlp
+from .token_layers import PerTokenLinear, mlp
 
 
 def ordered_features(schema) -> list[tuple[str, list[str]]]:

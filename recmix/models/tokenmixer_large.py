@@ -18,7 +18,7 @@ from torch import nn
 from .base import ModelOutput, RankingModel, TaskHeads
 from .mixing import mix, revert
 from .moe import SparsePertokenMoE
-from .pertoken import PerTokenSwiGLU, make_norm
+from .token_layers import PerTokenSwiGLU, make_norm
 from .tokenizers import build_tokenizer
 
 

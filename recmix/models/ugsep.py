@@ -28,7 +28,7 @@ from torch import nn
 from .base import ModelOutput, RankingModel, TaskHeads
 from .embedding import FeatureEncoder
 from .mixing import mix
-from .pertoken import PerTokenLinear, mlp
+from .token_layers import PerTokenLinear, mlp
 from .tokenmixer_large import TokenMixerLargeBlock
 from .ugsep_ic import InformationCompensation
 from .ugsep_ops import swiglu_banks

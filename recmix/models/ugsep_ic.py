@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .pertoken import PerTokenLinear
+from .token_layers import PerTokenLinear
 
 
 class InformationCompensation(nn.Module):

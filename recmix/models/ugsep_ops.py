@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recmix.kernels.pertoken import pertoken_linear
+from recmix.kernels.pertoken_dispatch import pertoken_linear
 
 
 def linear_banks(lin, x_BPI: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

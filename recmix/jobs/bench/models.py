@@ -25,8 +25,8 @@ from pydantic import TypeAdapter
 from recmix.models import counters
 from recmix.models.build import build_model
 from recmix.models.moe import SparsePertokenMoE
-from recmix.models.pertoken import PerTokenSwiGLU
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.token_layers import PerTokenSwiGLU
+from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.bench import BenchReport
 from recmix.platform.specs.model import ModelConfig, SPMoEConfig
 
@@ -61,11 +61,11 @@ def _time(fn, reps: int, warmup: int = 1) -> float:
 
 
 def _throughput(cfg_dict: dict, batch: int, reps: int) -> tuple[dict, float]:
-    schema = tiny_schema(emb_dim=16)
+    schema = toy_schema(emb_dim=16)
     cfg = CFG.validate_python(cfg_dict)
     torch.manual_seed(0)
     model = build_model(cfg, schema).train()
-    b = random_batch(schema, batch, seed=0)
+    b = toy_batch(schema, batch, seed=0)
 
     def step():
         model.zero_grad(set_to_none=True)

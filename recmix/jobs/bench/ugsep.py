@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 
 from recmix.jobs.prepare.builtin import builtin_schema
 from recmix.models.build import build_model
-from recmix.models.synthetic import random_batch
+from recmix.models.toy import toy_batch
 from recmix.models.ugsep_counters import request_flops
 from recmix.platform.bench import BenchReport
 from recmix.platform.specs.model import ModelConfig
@@ -35,8 +35,8 @@ def _model(schema, T, D, L, ugsep: dict):
 
 
 def _request(schema, C: int, seed: int):
-    user = random_batch(schema, 1, seed)
-    cands = random_batch(schema, C, seed + 1)
+    user = toy_batch(schema, 1, seed)
+    cands = toy_batch(schema, C, seed + 1)
     user_groups = {g.name for g in schema.groups if g.side.value == "user"}
     user_names = [f.name for f in schema.inputs if f.group in user_groups]
     full = {n: (user[n].expand(C, *user[n].shape[1:]).contiguous() if n in user_names else cands[n]) for n in cands if n != "labels"}

@@ -8,7 +8,7 @@ import torch
 from pydantic import TypeAdapter
 
 from recmix.models.build import build_model
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.toy import toy_batch, toy_schema
 from recmix.models.tokenmixer_large import TokenMixerLargeBlock
 from recmix.models.ugsep import unique_users
 from recmix.platform.specs.model import ModelConfig
@@ -17,7 +17,7 @@ from recmix.platform.specs.ugsep import UGSepConfig
 
 def make(**kw):
     torch.manual_seed(0)
-    return build_model(model_cfg(**kw), tiny_schema()).double().eval()
+    return build_model(model_cfg(**kw), toy_schema()).double().eval()
 
 
 def model_cfg(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixer_large", **ug):
@@ -32,7 +32,7 @@ def model_cfg(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixe
 
 
 def batch(B, seed=0):
-    b = random_batch(tiny_schema(), B, seed)
+    b = toy_batch(toy_schema(), B, seed)
     b["score"] = b["score"].double()
     return b
 
@@ -217,7 +217,7 @@ def test_unique_users_groups_identical_user_features():
 
 def test_every_parameter_gets_a_gradient_and_training_reduces_loss():
     model = make(ic_mode="masked_off", down=0.5).float().train()
-    b = random_batch(tiny_schema(), 32, 0)
+    b = toy_batch(toy_schema(), 32, 0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
@@ -248,7 +248,7 @@ def test_config_errors_name_the_values():
                                 dict(backbone="rankmixer", ratio="3:1")])
 @pytest.mark.parametrize("C", [1, 7, 64])
 def test_flops_counter_matches_issued_work_and_formula(kw, C):
-    from recmix.kernels.pertoken import count_flops
+    from recmix.kernels.pertoken_dispatch import count_flops
     from recmix.models.ugsep_counters import request_flops
 
     model = make(T=4, D=16, **kw)
@@ -275,7 +275,7 @@ def test_config_counter_matches_module_parameters(kw):
 
     model = make(**kw)
     emb = sum(p.numel() for p in model.encoder.lookup.parameters())
-    c = counters.model(model_cfg(**kw), tiny_schema())
+    c = counters.model(model_cfg(**kw), toy_schema())
     assert c["embedding_params"] == emb
     assert c["dense"]["params"] == sum(p.numel() for p in model.parameters()) - emb
 

@@ -19,7 +19,7 @@ from recmix.jobs.train.data import to_arrays
 from recmix.jobs.train.loop import make_optimizer, train_step
 from recmix.jobs.train.metrics import auc, logloss, paired_bootstrap
 from recmix.models.build import build_model
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.specs.job import JOB_ADAPTER
 from recmix.platform.specs.prepare import SplitFractions
 from recmix.platform.specs.model import ModelConfig
@@ -47,7 +47,7 @@ def test_paired_bootstrap_detects_a_better_model():
 
 def _raw_table(schema, n: int, seed: int) -> pa.Table:
     """Random rows for `schema` with a planted rule (label = item_id < 20 XOR hour < 4), time-sorted."""
-    b = random_batch(schema, n, seed)
+    b = toy_batch(schema, n, seed)
     cols = {}
     for f in schema.inputs:
         x = b[f.name].numpy()
@@ -67,7 +67,7 @@ def tiny_dataset(tmp_path_factory):
     import pyarrow.fs as pafs
 
     root = str(tmp_path_factory.mktemp("ds") / "tiny")
-    schema = tiny_schema()
+    schema = toy_schema()
     version = new_version()
     fs = pafs.LocalFileSystem()
     stats = write_sorted_table(fs, root, version, _raw_table(schema, 3000, 0), SplitFractions(), "label", 1000)
@@ -93,11 +93,11 @@ def test_to_arrays_pads_lists_and_keeps_values(tiny_dataset):
 def test_train_step_updates_and_reports():
     torch.set_num_threads(1)
     cfg = TypeAdapter(ModelConfig).validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=4, moe=dict(n_experts=4, n_active=2)))
-    model = build_model(cfg, tiny_schema())
+    model = build_model(cfg, toy_schema())
     spec_opt = JOB_ADAPTER.validate_python(dict(kind="train", dataset=dict(uri="x"), model=cfg.model_dump(), output="o")).optimizer
     opt = make_optimizer(model, spec_opt)
     before = [p.detach().clone() for p in model.parameters()]
-    parts = train_step(model, random_batch(tiny_schema(), 16), opt)
+    parts = train_step(model, toy_batch(toy_schema(), 16), opt)
     assert {"loss", "bce", "aux_bce", "moe_max_over_mean_usage"} <= set(parts)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
@@ -130,5 +130,5 @@ def test_recmix_run_train_end_to_end(tiny_dataset, tmp_path):
     assert metrics["test"]["rows"] == 300 and 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 3
     assert {"auc_warm", "auc_cold", "logloss"} <= set(metrics["test"])
     state = torch.load(out / "model.pt", weights_only=True)
-    model = build_model(TypeAdapter(ModelConfig).validate_python(spec["model"]), tiny_schema())
+    model = build_model(TypeAdapter(ModelConfig).validate_python(spec["model"]), toy_schema())
     model.load_state_dict(state)

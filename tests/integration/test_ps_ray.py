@@ -20,7 +20,7 @@ from recmix.models.embedding import TableSpec
 from recmix.platform.hashing import shard_of
 from recmix.platform.specs.data import StorageConfig
 from recmix.platform.specs.embedding import EmbeddingConfig
-from tests.test_ps_shard import ref_step, ref_sum
+from tests.unit.test_ps_shard import ref_step, ref_sum
 
 E = 8
 TABLES = [{"name": "user", "dim": E, "initializer": {"kind": "normal", "std": 0.1}},

@@ -7,12 +7,12 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from recmix.kernels.pertoken import pertoken_linear, pertoken_linear_reference
+from recmix.kernels.pertoken_dispatch import pertoken_linear, pertoken_linear_reference
 from recmix.models.build import build_model
 from recmix.models.embedding import LocalEmbeddingLookup, TableSpec, bucket_torch
 from recmix.models.mixing import mix, revert
-from recmix.models.pertoken import PerTokenLinear
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.token_layers import PerTokenLinear
+from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.hashing import bucket
 from recmix.platform.specs.model import ModelConfig
 
@@ -82,9 +82,9 @@ def test_local_lookup_init_and_errors():
 
 
 def test_sequence_pooling_masks_padding():
-    schema = tiny_schema()
+    schema = toy_schema()
     model = build_model(CFG.validate_python(dict(arch="dlrm_mlp")), schema)
-    b = random_batch(schema, 4)
+    b = toy_batch(schema, 4)
     b["hist_items"] = torch.tensor([[1, 2, -1, -1, -1, -1], [3, -1, -1, -1, -1, -1], [-1] * 6, [1, 2, 3, 4, 5, 6]])
     feats = model.encoder(b)
     table = model.encoder.lookup.emb["item_id"].weight
@@ -107,14 +107,14 @@ def test_config_validation(bad, msg):
 
 def test_group_mlp_token_count_checked():
     with pytest.raises(ValueError, match="group_mlp gives 5 tokens"):
-        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_tokens=4, n_heads=4)), tiny_schema())
+        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_tokens=4, n_heads=4)), toy_schema())
 
 
 @pytest.mark.parametrize("mode", ["A", "B", "C"])
 def test_zero_down_init_blocks_are_identity(mode):
     cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=4, residual_mode=mode, down_init_std_scale=0.0,
                                    inter_residual_gap=0))
-    model = build_model(cfg, tiny_schema()).eval()
+    model = build_model(cfg, toy_schema()).eval()
     x = torch.randn(3, model.n_tokens, 16)
     for blk in model.blocks:
         assert torch.equal(blk(x), x)
@@ -123,19 +123,19 @@ def test_zero_down_init_blocks_are_identity(mode):
 def test_inter_residual_never_targets_last_block_and_mean_pool_readout():
     cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=4, inter_residual_gap=2,
                                    down_init_std_scale=0.0))
-    model = build_model(cfg, tiny_schema()).eval()
+    model = build_model(cfg, toy_schema()).eval()
     x = torch.randn(2, model.n_tokens, 16)
     out, _ = model.backbone(x)
     # identity blocks: after block 2 the stream is x + x; block 4 is last, so no second skip: 2x, not 3x or 4x
     assert torch.equal(out, x + x)
-    b = random_batch(tiny_schema(), 5)
+    b = toy_batch(toy_schema(), 5)
     tokens = model.tokenizer(model.encoder(b))
     last, _ = model.backbone(tokens)
     assert torch.equal(model(b).logits_BK, model.heads(last.mean(1)))
 
 
 def test_tokenmixer_large_has_no_biases_in_blocks_and_mix_has_no_params():
-    model = build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=8)), tiny_schema())
+    model = build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=8)), toy_schema())
     for name, p in model.blocks.named_parameters():
         assert "bias" not in name, name
     assert model.n_heads == 8 and model.n_tokens == 5   # H decoupled from T

@@ -14,7 +14,7 @@ from recmix.platform.cli import main
 from recmix.platform.dataset import open_dataset
 from recmix.platform.specs.data import StorageConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 

@@ -7,7 +7,7 @@ import torch
 from pydantic import TypeAdapter
 
 from recmix.models.build import build_model
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.specs.model import ModelConfig
 
 CFG = TypeAdapter(ModelConfig)
@@ -27,13 +27,13 @@ CONFIGS = {
 
 def _model(name, n_labels=1):
     torch.manual_seed(0)
-    return build_model(CFG.validate_python(CONFIGS[name]), tiny_schema(n_labels=n_labels))
+    return build_model(CFG.validate_python(CONFIGS[name]), toy_schema(n_labels=n_labels))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_permuting_rows_permutes_scores(name):
     model = _model(name).double().eval()
-    b = random_batch(model.schema, 12, seed=1)
+    b = toy_batch(model.schema, 12, seed=1)
     perm = torch.randperm(12)
     out = model(b).logits_BK
     out_p = model({k: v[perm] for k, v in b.items()}).logits_BK
@@ -43,7 +43,7 @@ def test_permuting_rows_permutes_scores(name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_receives_gradient(name):
     model = _model(name, n_labels=2)
-    b = random_batch(model.schema, 64, seed=2)
+    b = toy_batch(model.schema, 64, seed=2)
     # every vocabulary row that must get gradient is present in the batch
     b["hour"] = torch.arange(64) % 24
     b["user_id"] = torch.arange(64) % 50
@@ -58,7 +58,7 @@ def test_every_parameter_receives_gradient(name):
 
 
 def _train(model, steps=60, lr=3e-3):
-    b = random_batch(model.schema, 32, seed=3)
+    b = toy_batch(model.schema, 32, seed=3)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
@@ -78,11 +78,11 @@ def _train(model, steps=60, lr=3e-3):
 def test_tokenmixer_variants_train(overrides):
     torch.manual_seed(0)
     cfg = CFG.validate_python({**CONFIGS["tml_dense"], **overrides})
-    model = build_model(cfg, tiny_schema())
+    model = build_model(cfg, toy_schema())
     losses = _train(model)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
     if cfg.aux_loss.mode.value == "logit_fusion":
-        assert model(random_batch(model.schema, 4)).aux_logits == []
+        assert model(toy_batch(model.schema, 4)).aux_logits == []
 
 
 @pytest.mark.parametrize("name", ["rankmixer", "rankmixer_pre_moe", "dlrm"])
@@ -93,11 +93,11 @@ def test_baselines_train(name):
 
 def test_aux_weight_zero_matches_model_without_aux_towers():
     torch.manual_seed(0)
-    with_aux = build_model(CFG.validate_python({**CONFIGS["tml_dense"], "aux_loss": dict(weight=0.0)}), tiny_schema())
+    with_aux = build_model(CFG.validate_python({**CONFIGS["tml_dense"], "aux_loss": dict(weight=0.0)}), toy_schema())
     torch.manual_seed(0)
-    without = build_model(CFG.validate_python({**CONFIGS["tml_dense"], "aux_loss": dict(mode="off")}), tiny_schema())
+    without = build_model(CFG.validate_python({**CONFIGS["tml_dense"], "aux_loss": dict(mode="off")}), toy_schema())
     without.load_state_dict({k: v for k, v in with_aux.state_dict().items() if not k.startswith("aux_towers")})
-    b = random_batch(tiny_schema(), 16)
+    b = toy_batch(toy_schema(), 16)
     grads = []
     for m in (with_aux, without):
         m.loss(m(b), b["labels"])[0].backward()

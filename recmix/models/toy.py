@@ -11,7 +11,7 @@ import torch
 from recmix.platform.specs.data import FeatureSchema
 
 
-def tiny_schema(emb_dim: int = 8, n_labels: int = 1) -> FeatureSchema:
+def toy_schema(emb_dim: int = 8, n_labels: int = 1) -> FeatureSchema:
     feats = [
         dict(name="user_id", role="user", type="categorical", vocab_size=50, embedding_dim=emb_dim, group="user"),
         dict(name="zip_prefix", role="user", type="categorical", hash_buckets=17, embedding_dim=emb_dim, group="user"),
@@ -27,7 +27,7 @@ def tiny_schema(emb_dim: int = 8, n_labels: int = 1) -> FeatureSchema:
     return FeatureSchema.model_validate(dict(groups=groups, features=feats))
 
 
-def random_batch(schema: FeatureSchema, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def toy_batch(schema: FeatureSchema, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Padded tensors as the training loader builds them: lists padded with -1, labels (B, K) float."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}

@@ -47,24 +47,24 @@ def _ugsep_model():
     from pydantic import TypeAdapter
 
     from recmix.models.build import build_model
-    from recmix.models.synthetic import tiny_schema
+    from recmix.models.toy import toy_schema
     from recmix.platform.specs.model import ModelConfig
 
     torch.manual_seed(0)
     cfg = TypeAdapter(ModelConfig).validate_python(dict(
         arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="mlp", n_tokens=4, d_model=16, n_layers=2,
         ffn_mult=2.0, down_init_std_scale=0.5, ugsep={"ratio": "1:1"}))
-    return build_model(cfg, tiny_schema()).double().eval()
+    return build_model(cfg, toy_schema()).double().eval()
 
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 12), st.integers(0, 10_000), st.randoms(use_true_random=False))
 def test_ugsep_candidate_permutation_permutes_scores(n, seed, rnd):
-    from recmix.models.synthetic import random_batch, tiny_schema
+    from recmix.models.toy import toy_batch, toy_schema
 
     model = _ugsep_model()
-    user = random_batch(tiny_schema(), 1, seed)
-    cands = random_batch(tiny_schema(), n, seed + 1)
+    user = toy_batch(toy_schema(), 1, seed)
+    cands = toy_batch(toy_schema(), n, seed + 1)
     cands["score"] = cands["score"].double()
     perm = list(range(n))
     rnd.shuffle(perm)

@@ -3,7 +3,7 @@
 Legend: B batch rows, T token positions (weight banks), I input width, O output width, F hidden width.
 
 Every per-token and expert weight of the models lives in a `PerTokenLinear` (attribute `weight` (T, I, O),
-optional `bias` (T, O)) and is applied through `recmix.kernels.pertoken.pertoken_linear`, so a
+optional `bias` (T, O)) and is applied through `recmix.kernels.pertoken_dispatch.pertoken_linear`, so a
 post-training quantizer can find and replace them by walking modules.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recmix.kernels import pertoken as kernels
+from recmix.kernels import pertoken_dispatch as kernels
 
 
 class PerTokenLinear(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 from recmix.kernels.w8a16 import INT8PACK_MAX_ROWS, Granularity
 from recmix.models.build import build_model
 from recmix.models.moe import TokenRouter
-from recmix.models.pertoken import PerTokenLinear
+from recmix.models.token_layers import PerTokenLinear
 from recmix.models.quantize import (
     W8A16Config,
     W8A16Linear,
@@ -21,7 +21,7 @@ from recmix.models.quantize import (
     load_quantized,
     quantize_model,
 )
-from recmix.models.synthetic import random_batch, tiny_schema
+from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.model import ModelConfig
 
@@ -35,7 +35,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def tml(**kw) -> nn.Module:
     torch.manual_seed(0)
     spec = dict(arch="tokenmixer_large", d_model=32, n_heads=4, n_layers=2, down_init_std_scale=1.0) | kw
-    return build_model(CFG.validate_python(spec), tiny_schema()).eval()
+    return build_model(CFG.validate_python(spec), toy_schema()).eval()
 
 
 class Holder(nn.Module):
@@ -104,7 +104,7 @@ def per_layer_errors(model: nn.Module, float_model: nn.Module, batch) -> dict[st
 def test_tokenmixer_large_quantized_layers_close_and_routers_untouched(moe):
     model = tml(**({"moe": moe} if moe else {}))
     float_model = copy.deepcopy(model)
-    batch = random_batch(tiny_schema(), 24, seed=3)
+    batch = toy_batch(toy_schema(), 24, seed=3)
     n_pertoken = sum(isinstance(m, PerTokenLinear) for m in model.modules())
     n_tokenizer = sum(isinstance(m, PerTokenLinear) for n, m in model.named_modules() if "tokenizer" in n)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_tokenmixer_large_quantized_layers_close_and_routers_untouched(moe):
 
 def test_targets_tokenizer_and_heads_extend_the_swap():
     model = tml(tokenizer="chunk_per_token", n_tokens=4, global_token="none")
-    batch = random_batch(tiny_schema(), 8, seed=4)
+    batch = toy_batch(toy_schema(), 8, seed=4)
     with torch.no_grad():
         ref = model(batch).logits_BK
         quantize_model(model, targets=["per_token_ffn", "tokenizer", "heads"])
@@ -143,7 +143,7 @@ def test_targets_tokenizer_and_heads_extend_the_swap():
 
 def test_export_loads_with_weights_only_and_restores_the_same_model(tmp_path):
     model = tml(moe=dict(n_experts=4, n_active=2))
-    batch = random_batch(tiny_schema(), 16, seed=5)
+    batch = toy_batch(toy_schema(), 16, seed=5)
     quantize_model(model, granularity="per_group")
     path = tmp_path / "sub" / "tml.w8a16.pt"
     export_quantized(model, str(path))
@@ -169,7 +169,7 @@ def test_export_to_s3_and_load(s3_server, s3_bucket):
 
     cfg = StorageConfig(endpoint_url=s3_server)
     model = quantize_model(tml())
-    batch = random_batch(tiny_schema(), 8, seed=7)
+    batch = toy_batch(toy_schema(), 8, seed=7)
     uri = f"s3://{s3_bucket}/models/tml.w8a16.pt"
     export_quantized(model, uri, cfg)
     with torch.no_grad():
@@ -182,8 +182,8 @@ def test_ugsep_model_runs_quantized_on_bank_ranges():
     torch.manual_seed(0)
     spec = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", n_tokens=4, d_model=16, n_layers=2, ffn_mult=2.0,
                 down_init_std_scale=0.5, global_token="none", ugsep={})
-    model = build_model(CFG.validate_python(spec), tiny_schema()).eval()
-    batch = random_batch(tiny_schema(), 12, seed=6)
+    model = build_model(CFG.validate_python(spec), toy_schema()).eval()
+    batch = toy_batch(toy_schema(), 12, seed=6)
     calls = []
     orig = W8A16PerTokenLinear.forward_banks
 

@@ -10,9 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from recmix.models import counters
 from recmix.models.build import build_model
 from recmix.models.moe import SparsePertokenMoE
-from recmix.models.pertoken import PerTokenSwiGLU
+from recmix.models.token_layers import PerTokenSwiGLU
 from recmix.models.relu_moe import ReLURoutedMoE
-from recmix.models.synthetic import tiny_schema
+from recmix.models.toy import toy_schema
 from recmix.platform.specs.model import PRESETS, ModelConfig, SPMoEConfig, ReLUMoEConfig, preset
 
 CFG = TypeAdapter(ModelConfig)
@@ -90,23 +90,23 @@ def _block_params(model) -> int:
 def test_tokenmixer_param_count_formula(T_heads, mode):
     D, n, L = 16, 2.0, 3
     cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=D, n_heads=T_heads, n_layers=L, ffn_mult=n, residual_mode=mode))
-    model = build_model(cfg, tiny_schema())
+    model = build_model(cfg, toy_schema())
     T, H = model.n_tokens, model.n_heads
     norms = 2 * D if mode != "A" else T * D // H + D
     assert _block_params(model) == L * (int(3 * n * T * D * D * (T / H + 1)) + norms)
     assert counters.backbone(cfg, T).params == _block_params(model)
-    dense = counters.model(cfg, tiny_schema())["dense"]["params"]
-    assert dense == sum(p.numel() for p in model.parameters()) - counters.embeddings(tiny_schema())
+    dense = counters.model(cfg, toy_schema())["dense"]["params"]
+    assert dense == sum(p.numel() for p in model.parameters()) - counters.embeddings(toy_schema())
 
 
 def test_rankmixer_param_count_formula_and_presets():
     T, D, k, L = 4, 16, 3.0, 2
     cfg = CFG.validate_python(dict(arch="rankmixer", n_tokens=T, d_model=D, ffn_mult=k, n_layers=L))
-    model = build_model(cfg, tiny_schema())
+    model = build_model(cfg, toy_schema())
     pffn = sum(p.numel() for b in model.blocks for p in b.ffn.parameters())
     assert pffn == L * T * int(2 * k * D * D + k * D + D)
     assert counters.backbone(cfg, T).params == _block_params(model) == pffn + L * 4 * D
-    assert counters.model(cfg, tiny_schema())["dense"]["params"] == sum(p.numel() for p in model.parameters()) - counters.embeddings(tiny_schema())
+    assert counters.model(cfg, toy_schema())["dense"]["params"] == sum(p.numel() for p in model.parameters()) - counters.embeddings(toy_schema())
     for name in ("rankmixer_100m", "rankmixer_1b"):
         c = preset(name)
         approx = 2 * c.ffn_mult * c.n_layers * c.n_tokens * c.d_model ** 2
@@ -122,7 +122,7 @@ def test_flop_counter_equals_torch_flop_count(arch):
     """Forward FLOPs of the blocks per sample == 2 x matmul params (torch's FlopCounterMode counts bmm)."""
     extra = dict(n_heads=8) if arch == "tokenmixer_large" else dict(n_tokens=4)
     cfg = CFG.validate_python(dict(arch=arch, d_model=16, n_layers=2, ffn_mult=2.0, **extra))
-    model = build_model(cfg, tiny_schema()).eval()
+    model = build_model(cfg, toy_schema()).eval()
     T = model.n_tokens
     x = torch.randn(10, T, 16)
     with FlopCounterMode(display=False) as fc:
@@ -177,7 +177,7 @@ def test_relu_moe_lambda_drives_active_ratio_down():
 ])
 def test_moe_param_and_active_counts(moe):
     cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2, ffn_mult=2.0, moe=moe))
-    model = build_model(cfg, tiny_schema())
+    model = build_model(cfg, toy_schema())
     c = counters.backbone(cfg, model.n_tokens)
     assert c.params == _block_params(model)
     # active = params - inactive routed experts
@@ -192,5 +192,5 @@ def test_moe_param_and_active_counts(moe):
 @pytest.mark.parametrize("moe", [dict(n_experts=4), dict(n_experts=4, expert_hidden="fine", dtsi="off")])
 def test_relu_moe_param_count(moe):
     cfg = CFG.validate_python(dict(arch="rankmixer", n_tokens=4, d_model=16, ffn_mult=2.0, moe=moe))
-    model = build_model(cfg, tiny_schema())
+    model = build_model(cfg, toy_schema())
     assert counters.backbone(cfg, 4).params == _block_params(model)
