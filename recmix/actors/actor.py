@@ -17,6 +17,9 @@ import time
 import numpy as np
 import ray
 
+from recmix.actors.backend import RayShards
+from recmix.actors.client import PSClient
+from recmix.actors.layout import PSLayout, ps_layout
 from recmix.actors.shard import ShardCore
 from recmix.actors.shm import Attached
 from recmix.platform.specs.embedding import EmbeddingConfig
@@ -26,10 +29,10 @@ METRICS_EVERY_S = 1.0
 
 @ray.remote
 class EmbeddingShard:
-    def __init__(self, cfg: EmbeddingConfig, shard_id: int, n_shards: int, root: str):
+    def __init__(self, cfg: EmbeddingConfig, layout: PSLayout, shard_id: int, root: str):
         from recmix.actors.metrics import ShardMetrics
 
-        self.core = ShardCore(cfg, shard_id, n_shards, root)
+        self.core = ShardCore(cfg, layout, shard_id, root)
         self.restored_rows = 0
         if cfg.restore_from and all(self.core.lmdb.count(t) == 0 for t in self.core.dims):
             from recmix.actors.checkpoint import load_into_shard
@@ -143,15 +146,11 @@ def _trim_heap() -> None:
 _LIBC = None
 
 
-def shard_names(cfg: EmbeddingConfig) -> list[str]:
-    return [f"{cfg.name}-shard-{i}" for i in range(cfg.shards)]
-
-
-def create_shards(cfg: EmbeddingConfig, root: str | None = None) -> tuple[list, str]:
-    """Start cfg.shards named actors; returns (handles, LMDB root). Waits until all are up."""
+def create_shards(cfg: EmbeddingConfig, layout: PSLayout, root: str | None = None) -> tuple[list, str]:
+    """Start the layout's named shard actors; returns (handles, LMDB root). Waits until all are up."""
     root = root or cfg.lmdb_path or tempfile.mkdtemp(prefix=f"recmix-{cfg.name}-")
     handles = []
-    for i, name in enumerate(shard_names(cfg)):
+    for i, name in enumerate(layout.shard_names):
         try:
             ray.get_actor(name)
         except ValueError:
@@ -159,6 +158,13 @@ def create_shards(cfg: EmbeddingConfig, root: str | None = None) -> tuple[list, 
         else:
             raise ValueError(f"an embedding shard named '{name}' already exists; choose another embedding.name")
         handles.append(EmbeddingShard.options(name=name, num_cpus=cfg.num_cpus, max_restarts=cfg.max_restarts,
-                                              max_task_retries=3).remote(cfg, i, cfg.shards, root))
+                                              max_task_retries=3).remote(cfg, layout, i, root))
     ray.get([h.pid.remote() for h in handles])
     return handles, root
+
+
+def create_client(cfg: EmbeddingConfig, dims: dict[str, int], root: str | None = None) -> PSClient:
+    """Derive the layout, start the shard actors and return a client over them (Ray backend)."""
+    layout = ps_layout(cfg, dims)
+    handles, _ = create_shards(cfg, layout, root)
+    return PSClient(RayShards(handles, layout), layout)

@@ -3,18 +3,18 @@
 Routing is `recmix.platform.hashing.shard_of(table, id, S)` (splitmix64, documented there), so rows can
 be re-sharded from a checkpoint. Per table the client keeps the sorted unique ids (np.unique), sends
 each shard its slice (already sorted and unique, so the shard skips its own dedup), and scatters the
-answers back; numpy arrays travel through the object store without per-row copies.
+answers back. The calls go through a `ShardBackend` (backend.py): Ray actors, or `ShardCore`s in
+this process for tests.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
-from recmix.actors import shm
+from recmix.actors.backend import ShardBackend
+from recmix.actors.layout import PSLayout
 from recmix.actors.rows import segment_sum
 from recmix.platform.hashing import shard_of
 
@@ -42,23 +42,17 @@ def check_batch_ids(table: str, ids) -> np.ndarray:
 
 
 class PSClient:
-    def __init__(self, shards: list, dims: dict[str, int], state_widths: dict[str, int], same_node_buffers: bool = True):
-        self.shards = list(shards)
-        self.dims = dict(dims)
-        self.swidth = dict(state_widths)
-        # One /dev/shm transfer buffer per shard for pull answers (shm.py); None = object store only.
-        tag = uuid.uuid4().hex[:8]
-        self.buffers = [shm.Buffer(f"{tag}-{i}") if same_node_buffers and shm.available() else None
-                        for i in range(len(self.shards))]
+    def __init__(self, backend: ShardBackend, layout: PSLayout):
+        self.backend, self.layout = backend, layout
+        self.dims, self.swidth = layout.dims, layout.state_widths
+
+    @property
+    def shards(self) -> list:
+        return self.backend.shards
 
     @property
     def n_shards(self) -> int:
-        return len(self.shards)
-
-    def _table(self, table: str) -> str:
-        if table not in self.dims:
-            raise ValueError(f"unknown embedding table '{table}' (known: {', '.join(self.dims)})")
-        return table
+        return self.layout.n_shards
 
     def _split(self, table: str, u: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(shard, positions in u) for every shard that owns some of the sorted unique ids u."""
@@ -69,56 +63,19 @@ class PSClient:
         bounds = np.searchsorted(sh[order], np.arange(self.n_shards + 1))
         return [(s, order[bounds[s]:bounds[s + 1]]) for s in range(self.n_shards) if bounds[s + 1] > bounds[s]]
 
-    def _call(self, method: str, per_shard: dict[int, dict], *args) -> dict[int, object]:
-        refs = {s: getattr(self.shards[s], method).remote(req, *args) for s, req in per_shard.items()}
-        got = ray.get(list(refs.values()))
-        return dict(zip(refs.keys(), got))
-
-    def _pull_calls(self, per_shard: dict[int, dict], with_state: bool) -> dict[int, dict]:
-        """One concurrent call per shard; through the shard's shared buffer where there is one."""
-        refs, plain = {}, {}
-        for s, req in per_shard.items():
-            buf = self.buffers[s]
-            if buf is None:
-                plain[s] = req
-                continue
-            spec, off = {}, 0
-            for t, ids in req.items():
-                n = ids.shape[0]
-                ioff, voff = off, shm.align(off + 8 * n)
-                off = shm.align(voff + 4 * n * self.dims[t])
-                spec[t] = (ioff, n, voff)
-            buf.ensure(off)
-            for t, (ioff, n, _) in spec.items():
-                buf.view(np.int64, ioff, (n,))[:] = req[t]
-            refs[s] = (self.shards[s].pull_shm.remote(buf.path, spec, with_state), spec)
-        plain_refs = {s: self.shards[s].pull.remote(req, with_state) for s, req in plain.items()}
-        out = {}
-        for s, (ref, spec) in refs.items():
-            got = ray.get(ref)
-            if got is None:                                   # shard on another node: no shared buffer
-                self.buffers[s] = None
-                out[s] = ray.get(self.shards[s].pull.remote(per_shard[s], with_state))
-                continue
-            buf = self.buffers[s]
-            out[s] = {t: (buf.view(np.float32, spec[t][2], (spec[t][1], self.dims[t])), ok, st)
-                      for t, (_, ok, st) in got.items()}
-        out.update(zip(plain_refs.keys(), ray.get(list(plain_refs.values()))))
-        return out
-
     # ---- pulls ---------------------------------------------------------------------------------
     def pull_unique(self, batch: dict[str, np.ndarray], with_state: bool = False, copy: bool = True) -> dict[str, Pulled]:
         """One call per shard for all tables of the batch; results per table over its unique ids.
         copy=False may return values that view the transfer buffer: valid until the next pull."""
         plan, per_shard = {}, {}
         for table, ids in batch.items():
-            flat = check_batch_ids(self._table(table), ids)
+            flat = check_batch_ids(self.layout.check(table), ids)
             u, inv = np.unique(flat, return_inverse=True)
             parts = self._split(table, u)
             plan[table] = (u, inv, parts)
             for s, pos in parts:
                 per_shard.setdefault(s, {})[table] = u[pos] if self.n_shards > 1 else u
-        res = self._pull_calls(per_shard, with_state) if per_shard else {}
+        res = self.backend.pull(per_shard, with_state) if per_shard else {}
         out = {}
         for table, (u, inv, parts) in plan.items():
             e, sw = self.dims[table], self.swidth[table]
@@ -159,7 +116,7 @@ class PSClient:
     def _push(self, method: str, batch: dict, wait: bool):
         per_shard = {}
         for table, (ids, *arrays) in batch.items():
-            flat = check_batch_ids(self._table(table), ids)
+            flat = check_batch_ids(self.layout.check(table), ids)
             widths = (self.dims[table], self.swidth[table])[:len(arrays)]
             for a, w in zip(arrays, widths):
                 if not isinstance(a, np.ndarray) or a.ndim != 2 or a.shape != (flat.shape[0], w):
@@ -169,30 +126,32 @@ class PSClient:
             cuts = np.cumsum(widths)[:-1]
             for s, pos in self._split(table, u):
                 per_shard.setdefault(s, {})[table] = (u[pos], *np.split(x[pos], cuts, axis=1))
-        refs = [getattr(self.shards[s], method).remote(req) for s, req in per_shard.items()]
-        return sum(ray.get(refs)) if wait else refs
+        pending = self.backend.push(method, per_shard)
+        return self.backend.wait(pending) if wait else pending
 
     def push(self, batch: dict[str, tuple[np.ndarray, np.ndarray]], wait: bool = True):
         """{table: (ids [N], grads [N, E])}: duplicates summed here and on the shard, optimizer on the shard.
-        Returns the number of rows updated (wait=True) or the object refs to wait on."""
+        Returns the number of rows updated (wait=True) or the pending results to pass to `wait`."""
         return self._push("push", batch, wait)
 
     def push_deltas(self, batch: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], wait: bool = True):
         """{table: (ids, dvalues [N, E], dstate [N, S])}: working-set deltas at pass end."""
         return self._push("push_deltas", batch, wait)
 
+    def wait(self, pending: list) -> int:
+        """Wait for pushes sent with wait=False; returns the rows they updated."""
+        return self.backend.wait(pending) if pending else 0
+
     # ---- control -------------------------------------------------------------------------------
     def end_pass(self) -> list[dict]:
-        return ray.get([s.end_pass.remote() for s in self.shards])
+        return self.backend.each("end_pass")
 
     def flush(self) -> int:
-        return sum(ray.get([s.flush.remote() for s in self.shards]))
+        return sum(self.backend.each("flush"))
 
     def counts(self) -> list[dict]:
-        return ray.get([s.counts.remote() for s in self.shards])
+        return self.backend.each("counts")
 
     def close(self) -> None:
-        """Remove the shared transfer buffers (the shards are not touched)."""
-        for b in self.buffers:
-            if b is not None:
-                b.close()
+        """Release the client's transfer buffers (the shards are not touched)."""
+        self.backend.close()

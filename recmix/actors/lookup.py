@@ -11,14 +11,15 @@ kernels do), so the dense optimizer never sees them. Legend: N ids in the batch,
 
 from __future__ import annotations
 
+from enum import Enum
+
 import numpy as np
 import torch
 
 from recmix.actors.client import PSClient
-from recmix.actors.rows import state_width
 from recmix.actors.working_set import WorkingSet
 from recmix.models.embedding import EmbeddingLookup, TableSpec
-from recmix.platform.specs.embedding import EmbeddingConfig, LookupMode
+from recmix.platform.specs.embedding import EmbeddingConfig
 
 
 class _Lookup(torch.autograd.Function):
@@ -37,14 +38,25 @@ class _Lookup(torch.autograd.Function):
         return None, None, None, None, None, None
 
 
+class LookupMode(str, Enum):
+    """`batch`: pull/push per mini-batch (the shards run the optimizer). `pass`: a per-pass working set on
+    the trainer's device, deltas pushed at pass end (storage.md 2.2); driven from Python through
+    begin_pass/end_pass (the train job runs `batch`)."""
+
+    batch = "batch"
+    pass_ = "pass"
+
+
 class PSEmbeddingLookup(EmbeddingLookup):
-    def __init__(self, tables: dict[str, TableSpec], client: PSClient, cfg: EmbeddingConfig,
-                 device: torch.device | str = "cpu", shards: list | None = None, root: str | None = None):
+    """`hbm_rows`: most rows a pass working set may hold (pass mode)."""
+
+    def __init__(self, tables: dict[str, TableSpec], client: PSClient, optimizer,
+                 mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20, device: torch.device | str = "cpu"):
         super().__init__(tables)
-        self.client, self.cfg, self.mode = client, cfg, cfg.mode
+        assert set(tables) == set(client.dims), (sorted(tables), sorted(client.dims))
+        self.client, self.mode = client, LookupMode(mode)
         self.device = torch.device(device)
-        self.shards, self.root = shards or client.shards, root
-        self.ws = WorkingSet(client, cfg.optimizer, cfg.hbm_rows, self.device)
+        self.ws = WorkingSet(client, optimizer, hbm_rows, self.device)
         self.pending: list = []
 
     def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
@@ -77,14 +89,12 @@ class PSEmbeddingLookup(EmbeddingLookup):
 
     def wait(self) -> int:
         """Wait for the pushes sent by backward (their errors surface here)."""
-        import ray
-
-        refs, self.pending = self.pending, []
-        return sum(ray.get(refs)) if refs else 0
+        pending, self.pending = self.pending, []
+        return self.client.wait(pending)
 
     def begin_pass(self, ids_by_table: dict[str, np.ndarray | torch.Tensor]) -> int:
         if self.mode is not LookupMode.pass_:
-            raise ValueError("begin_pass() needs embedding.mode 'pass'")
+            raise ValueError("begin_pass() needs a lookup built with mode 'pass'")
         return self.ws.begin({t: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for t, v in ids_by_table.items()})
 
     def end_pass(self) -> list[dict]:
@@ -94,24 +104,16 @@ class PSEmbeddingLookup(EmbeddingLookup):
         return self.client.end_pass()
 
     def close(self) -> None:
-        """Kill the shard actors this lookup created (their LMDB files stay)."""
-        import ray
-
+        """Stop the shards behind this lookup (their LMDB files stay)."""
         self.wait()
         self.client.close()
-        for s in self.shards:
-            ray.kill(s)
+        self.client.backend.stop()
 
 
-def build_lookup(cfg: EmbeddingConfig, tables: dict[str, TableSpec], device: torch.device | str = "cpu") -> PSEmbeddingLookup:
-    """Create (and name) the shard actors of `cfg` and return the lookup the model uses."""
-    from recmix.actors.actor import create_shards
+def build_lookup(cfg: EmbeddingConfig, tables: dict[str, TableSpec], device: torch.device | str = "cpu",
+                 mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20) -> PSEmbeddingLookup:
+    """Start the shard actors for the model's tables (from `tables_from_schema`) and return the lookup."""
+    from recmix.actors.actor import create_client
 
-    for name, spec in tables.items():
-        t = cfg.table(name)
-        if t.dim != spec.dim:
-            raise ValueError(f"embedding table '{name}': the model asks for dim {spec.dim}, embedding.tables says {t.dim}")
-    shards, root = create_shards(cfg)
-    client = PSClient(shards, {t.name: t.dim for t in cfg.tables},
-                      {t.name: state_width(cfg.optimizer, t.dim) for t in cfg.tables})
-    return PSEmbeddingLookup(tables, client, cfg, device=device, shards=shards, root=root)
+    client = create_client(cfg, {name: t.dim for name, t in tables.items()})
+    return PSEmbeddingLookup(tables, client, cfg.optimizer, mode=mode, hbm_rows=hbm_rows, device=device)

@@ -20,7 +20,8 @@ from recmix.actors import optim
 from recmix.actors.admission import Admission
 from recmix.actors.lmdb_tier import LmdbTier
 from recmix.actors.ram_tier import DIRTY, SEEN, RamTable
-from recmix.actors.rows import check_ids, check_rows, init_values, row_dtype, segment_sum, state_width
+from recmix.actors.layout import PSLayout
+from recmix.actors.rows import check_ids, check_rows, init_values, segment_sum
 from recmix.platform.specs.embedding import Durability, EmbeddingConfig, Eviction, ExpiryOff, ExpiryPasses
 
 STAT_KEYS = ("ram_hits", "lmdb_hits", "misses", "admitted", "rejected", "evicted", "written", "expired",
@@ -32,15 +33,15 @@ def _sorted_unique(ids: np.ndarray) -> bool:
 
 
 class ShardCore:
-    def __init__(self, cfg: EmbeddingConfig, shard_id: int, n_shards: int, root: str):
-        self.cfg, self.shard_id, self.n_shards = cfg, shard_id, n_shards
-        self.dims = {t.name: t.dim for t in cfg.tables}
-        self.inits = {t.name: t.initializer for t in cfg.tables}
-        self.swidth = {t: state_width(cfg.optimizer, d) for t, d in self.dims.items()}
-        self.dtypes = {t: row_dtype(d, self.swidth[t]) for t, d in self.dims.items()}
+    def __init__(self, cfg: EmbeddingConfig, layout: PSLayout, shard_id: int, root: str):
+        assert 0 <= shard_id < layout.n_shards, (shard_id, layout.n_shards)
+        self.cfg, self.layout, self.shard_id, self.n_shards = cfg, layout, shard_id, layout.n_shards
+        self.dims, self.swidth = layout.dims, layout.state_widths
+        self.inits = {t.name: t.initializer for t in layout.tables.values()}
+        self.dtypes = {t.name: t.dtype for t in layout.tables.values()}
         self.ram = {t: RamTable(cfg.ram_rows, d, self.swidth[t], self.dtypes[t]) for t, d in self.dims.items()}
         self.durable = cfg.durability is Durability.write_through
-        self.path = os.path.join(root, f"{cfg.name}-shard-{shard_id}")
+        self.path = os.path.join(root, layout.shard_names[shard_id])
         self.lmdb = LmdbTier(self.path, self.dtypes, cfg.map_size, sync=self.durable)
         self.pass_id = self.lmdb.get_meta("pass", 0)
         self.admission = Admission(cfg.admission, cfg.seed, shard_id)
@@ -50,9 +51,7 @@ class ShardCore:
 
     # ---- validation --------------------------------------------------------------------------
     def _table(self, table) -> str:
-        if table not in self.dims:
-            raise ValueError(f"unknown embedding table '{table}' (known: {', '.join(self.dims)})")
-        return table
+        return self.layout.check(table)
 
     def _chunks(self, n: int) -> list[slice]:
         """Requests are served in chunks of at most half the RAM budget: a chunk's rows stay resident

@@ -12,30 +12,30 @@ import ray
 import torch
 
 from recmix.actors import checkpoint
-from recmix.actors.actor import create_shards
+from recmix.actors.actor import create_client
 from recmix.actors.client import PSClient
 from recmix.actors.lookup import build_lookup
-from recmix.actors.rows import state_width
 from recmix.models.embedding import TableSpec
+from recmix.platform.errors import RecmixError
 from recmix.platform.hashing import shard_of
 from recmix.platform.specs.data import StorageConfig
 from recmix.platform.specs.embedding import EmbeddingConfig
 from tests.unit.test_ps_shard import ref_step, ref_sum
 
 E = 8
-TABLES = [{"name": "user", "dim": E, "initializer": {"kind": "normal", "std": 0.1}},
-          {"name": "item", "dim": 4, "initializer": {"kind": "uniform", "low": -0.1, "high": 0.1}}]
+DIMS = {"user": E, "item": 4}          # stand-in for the schema's tables
+INITS = {"user": {"initializer": {"kind": "normal", "std": 0.1}},
+         "item": {"initializer": {"kind": "uniform", "low": -0.1, "high": 0.1}}}
 
 
 def config(tmp_path, **kw) -> EmbeddingConfig:
-    kw.setdefault("tables", TABLES)
+    kw.setdefault("tables", INITS)
     kw.setdefault("ram_rows", 256)
     return EmbeddingConfig(name=f"t{uuid.uuid4().hex[:8]}", lmdb_path=str(tmp_path / f"lmdb-{uuid.uuid4().hex[:6]}"), **kw)
 
 
-def client_for(cfg) -> PSClient:
-    shards, _ = create_shards(cfg)
-    return PSClient(shards, {t.name: t.dim for t in cfg.tables}, {t.name: state_width(cfg.optimizer, t.dim) for t in cfg.tables})
+def client_for(cfg, dims=DIMS) -> PSClient:
+    return create_client(cfg, dims)
 
 
 def close(client):
@@ -182,8 +182,8 @@ def _kill_and_wait(shard):
 
 def test_durable_mode_keeps_every_acknowledged_push(ray_cluster, tmp_path):
     cfg = config(tmp_path, shards=1, durability="write_through", optimizer={"kind": "sgd", "lr": 1.0},
-                 tables=[{"name": "user", "dim": E, "initializer": {"kind": "zeros"}}])
-    client = client_for(cfg)
+                 initializer={"kind": "zeros"}, tables={})
+    client = client_for(cfg, {"user": E})
     shard = client.shards[0]
     try:
         n_batches, per = 40, 25
@@ -220,8 +220,8 @@ def test_durable_mode_keeps_every_acknowledged_push(ray_cluster, tmp_path):
 
 def test_default_mode_loses_only_pushes_after_the_last_flush(ray_cluster, tmp_path):
     cfg = config(tmp_path, shards=2, optimizer={"kind": "sgd", "lr": 1.0},
-                 tables=[{"name": "user", "dim": E, "initializer": {"kind": "zeros"}}])
-    client = client_for(cfg)
+                 initializer={"kind": "zeros"}, tables={})
+    client = client_for(cfg, {"user": E})
     try:
         ids = np.arange(100, dtype=np.int64)
         client.pull({"user": ids})
@@ -238,8 +238,9 @@ def test_default_mode_loses_only_pushes_after_the_last_flush(ray_cluster, tmp_pa
 
 @pytest.mark.parametrize("mode", ["batch", "pass"])
 def test_lookup_forward_and_step_match_reference(ray_cluster, tmp_path, mode):
-    cfg = config(tmp_path, shards=2, mode=mode, optimizer={"kind": "rowwise_adagrad", "lr": 0.1})
-    lk = build_lookup(cfg, {"user": TableSpec("user", 1000, E, True), "item": TableSpec("item", 50, 4, False)})
+    cfg = config(tmp_path, shards=2, optimizer={"kind": "rowwise_adagrad", "lr": 0.1})
+    tables = {"user": TableSpec("user", 1000, E, True), "item": TableSpec("item", 50, 4, False)}
+    lk = build_lookup(cfg, tables, mode=mode)
     try:
         rng = np.random.default_rng(3)
         steps = [torch.from_numpy(rng.integers(0, 40, (6, 3))) for _ in range(3)]
@@ -273,8 +274,8 @@ def test_lookup_forward_and_step_match_reference(ray_cluster, tmp_path, mode):
                 lk.lookup("user", steps[0])
     finally:
         lk.close()
-    with pytest.raises(ValueError, match="dim 16"):
-        build_lookup(cfg, {"user": TableSpec("user", 1000, 16, True)})
+    with pytest.raises(RecmixError, match="embedding.tables: 'item' is not a table of the feature schema"):
+        build_lookup(cfg, {"user": tables["user"]})
 
 
 @pytest.mark.slow

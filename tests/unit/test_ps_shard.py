@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from recmix.actors.hashindex import HashIndex
+from recmix.actors.layout import ps_layout
 from recmix.actors.shard import ShardCore
+from recmix.platform.errors import RecmixError
 from recmix.platform.specs.embedding import EmbeddingConfig
 
 E = 8
@@ -41,11 +43,15 @@ def ref_sum(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return u, out
 
 
-def make(tmp_path, **kw) -> ShardCore:
-    kw.setdefault("tables", [{"name": "a", "dim": E, "initializer": {"kind": "normal", "std": 0.1}},
-                             {"name": "b", "dim": 4, "initializer": {"kind": "zeros"}}])
+TABLES = {"a": (E, {"kind": "normal", "std": 0.1}), "b": (4, {"kind": "zeros"})}
+
+
+def make(tmp_path, tables=TABLES, shard: int = 0, **kw) -> ShardCore:
+    """A shard over {table: (dim, initializer)}: the dims stand in for the schema's, the initializers
+    are `embedding.tables` overrides."""
     kw.setdefault("ram_rows", 256)
-    return ShardCore(EmbeddingConfig(**kw), 0, 1, str(tmp_path))
+    cfg = EmbeddingConfig(tables={n: {"initializer": i} for n, (_, i) in tables.items()}, **kw)
+    return ShardCore(cfg, ps_layout(cfg, {n: d for n, (d, _) in tables.items()}), shard, str(tmp_path))
 
 
 def pull(core, table, ids, state=False):
@@ -191,11 +197,10 @@ def test_expiry_by_seconds(tmp_path):
 
 
 def test_initializers_are_per_table_and_shard_independent(tmp_path):
-    tables = [{"name": "n", "dim": 64, "initializer": {"kind": "normal", "std": 0.5}},
-              {"name": "u", "dim": 64, "initializer": {"kind": "uniform", "low": -0.2, "high": 0.1}},
-              {"name": "z", "dim": 64, "initializer": {"kind": "zeros"}}]
+    tables = {"n": (64, {"kind": "normal", "std": 0.5}), "u": (64, {"kind": "uniform", "low": -0.2, "high": 0.1}),
+              "z": (64, {"kind": "zeros"})}
     a = make(tmp_path / "a", tables=tables, ram_rows=4096)
-    b = ShardCore(EmbeddingConfig(tables=tables, ram_rows=4096), 3, 7, str(tmp_path / "b"))
+    b = make(tmp_path / "b", tables=tables, shard=3, shards=7, ram_rows=4096)
     ids = np.arange(2000, dtype=np.int64) * 31
     n = pull(a, "n", ids)[0]
     assert abs(n.std() - 0.5) < 0.02 and abs(n.mean()) < 0.02
@@ -262,8 +267,12 @@ def test_hash_index_against_dict():
     ({"shards": 0}, "shards"),
     ({"optimizer": {"kind": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}}, "betas"),
     ({"admission": {"policy": "occurrence", "threshold": 2, "filter_slots": 3000}}, "power of two"),
-    ({"tables": [{"name": "a", "dim": 4}, {"name": "a", "dim": 8}]}, "repeated: a"),
-    ({"tables": [{"name": "a", "dim": 4, "initializer": {"kind": "uniform", "low": 0.1, "high": 0.0}}]}, "low < high"),
+    ({"tables": [{"name": "a", "dim": 4}]}, "valid dictionary"),          # tables are not declared here
+    ({"tables": {"a": {"dim": 4}}}, "tables.a.dim"),                       # dims are the schema's
+    ({"tables": {"a": {"initializer": {"kind": "uniform", "low": 0.1, "high": 0.0}}}}, "low < high"),
+    ({"initializer": {"kind": "normal", "std": 0}}, "std"),
+    ({"mode": "pass"}, "mode"),                                            # a lookup argument, not a server knob
+    ({"hbm_rows": 1024}, "hbm_rows"),
     ({"expiry": {"policy": "passes"}}, "after"),
     ({"eviction": "fifo"}, "eviction"),
     ({"ram_rowz": 10}, "ram_rowz"),
@@ -272,7 +281,17 @@ def test_config_is_strict(bad, msg):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=msg):
-        EmbeddingConfig(**{"tables": [{"name": "a", "dim": 4}], **bad})
-    cfg = EmbeddingConfig(tables=[{"name": "a", "dim": 4}])
+        EmbeddingConfig(**bad)
+
+
+def test_layout_derives_tables_and_rejects_unknown_overrides():
+    cfg = EmbeddingConfig(name="ps", shards=3, optimizer={"kind": "adam"}, initializer={"kind": "zeros"},
+                          tables={"item_id": {"initializer": {"kind": "uniform"}}})
+    lay = ps_layout(cfg, {"user_id": 8, "item_id": 4})
+    assert lay.dims == {"user_id": 8, "item_id": 4} and lay.state_widths == {"user_id": 17, "item_id": 9}
+    assert lay.tables["user_id"].initializer.kind == "zeros" and lay.tables["item_id"].initializer.kind == "uniform"
+    assert lay.shard_names == ("ps-shard-0", "ps-shard-1", "ps-shard-2")
+    with pytest.raises(RecmixError, match="embedding.tables: 'item_id' is not a table of the feature schema"):
+        ps_layout(cfg, {"user_id": 8})
     with pytest.raises(ValueError, match="unknown embedding table 'b'"):
-        cfg.table("b")
+        lay.check("b")

@@ -36,16 +36,13 @@ def _cfg(name: str, root: str, shards: int, ram_rows: int, map_size: int, init=N
     from recmix.platform.specs.embedding import EmbeddingConfig
 
     return EmbeddingConfig(name=f"{name}{uuid.uuid4().hex[:6]}", lmdb_path=root, shards=shards, ram_rows=ram_rows,
-                           map_size=map_size, tables=[{"name": "t", "dim": DIM, "initializer": init or {"kind": "uniform"}}])
+                           map_size=map_size, initializer=init or {"kind": "uniform"})
 
 
 def _client(cfg):
-    from recmix.actors.actor import create_shards
-    from recmix.actors.client import PSClient
-    from recmix.actors.rows import state_width
+    from recmix.actors.actor import create_client
 
-    shards, _ = create_shards(cfg)
-    return PSClient(shards, {"t": DIM}, {"t": state_width(cfg.optimizer, DIM)})
+    return create_client(cfg, {"t": DIM})
 
 
 def _close(client) -> None:

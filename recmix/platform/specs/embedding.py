@@ -1,6 +1,8 @@
 """`embedding:` section: the sharded embedding parameter server (storage.md sections 2-5).
 
 Every field is honoured by `recmix.actors` (see docs/parameter-server.md for the meaning of each).
+The tables themselves (names, dims, features sharing a table) are not declared here: they come from the
+dataset's feature schema (`recmix.actors.layout.ps_layout`); `tables` only holds per-table overrides.
 Policies with parameters are discriminated unions, so a parameter that a policy would ignore cannot
 be written at all (e.g. `betas` only exists for `kind: adam`).
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .base import StrictModel
 from .data import Name
@@ -43,10 +45,14 @@ class UniformInit(StrictModel):
 Initializer = Annotated[Union[ZerosInit, NormalInit, UniformInit], Field(discriminator="kind")]
 
 
-class TableConfig(StrictModel):
-    name: Name
-    dim: Annotated[int, Field(gt=0, le=4096)]
-    initializer: Initializer = Field(default_factory=lambda: NormalInit(kind="normal"))
+def _default_init() -> NormalInit:
+    return NormalInit(kind="normal")
+
+
+class TableOverride(StrictModel):
+    """Per-table settings that differ from the section's defaults (the dim is the schema's)."""
+
+    initializer: Initializer
 
 
 # ---- admission (storage.md 3.1) ----------------------------------------------------------------
@@ -135,26 +141,18 @@ class Durability(str, Enum):
     write_through = "write_through"
 
 
-class LookupMode(str, Enum):
-    """`batch`: pull/push per mini-batch (shard runs the optimizer). `pass`: per-pass working set on
-    the trainer's device, deltas pushed at pass end (storage.md 2.2)."""
-
-    batch = "batch"
-    pass_ = "pass"
-
-
 class EmbeddingConfig(StrictModel):
-    tables: Annotated[list[TableConfig], Field(min_length=1, max_length=256)]
+    # Initializer of every table; `tables` overrides it per table name.
+    initializer: Initializer = Field(default_factory=_default_init)
+    tables: Annotated[dict[Name, TableOverride], Field(max_length=256)] = {}
     shards: Annotated[int, Field(ge=1, le=1024)] = 2
     ram_rows: Annotated[int, Field(ge=16, le=1 << 34)] = 1 << 20
-    hbm_rows: Annotated[int, Field(ge=1, le=1 << 34)] = 1 << 20
     eviction: Eviction = Eviction.lru
     evict_to: Annotated[float, Field(gt=0, le=1)] = 0.9
     admission: Admission = Field(default_factory=lambda: AdmitAlways(policy="always"))
     expiry: Expiry = Field(default_factory=lambda: ExpiryOff(policy="off"))
     optimizer: OptimizerConfig = Field(default_factory=lambda: RowwiseAdagradConfig(kind="rowwise_adagrad"))
     durability: Durability = Durability.checkpoint
-    mode: LookupMode = LookupMode.batch
     lmdb_path: Optional[Annotated[str, Field(min_length=1, max_length=1024)]] = None
     map_size: Annotated[int, Field(ge=1 << 20, le=1 << 44)] = 8 << 30
     restore_from: Optional[Annotated[str, Field(min_length=1, max_length=1024)]] = None
@@ -163,23 +161,8 @@ class EmbeddingConfig(StrictModel):
     max_restarts: Annotated[int, Field(ge=-1, le=1000)] = -1
     seed: Annotated[int, Field(ge=0, le=2**62)] = 0
 
-    @field_validator("tables")
-    @classmethod
-    def _unique_tables(cls, v: list[TableConfig]) -> list[TableConfig]:
-        names = [t.name for t in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"embedding table names must be unique, repeated: {', '.join(dup)}")
-        return v
-
     @model_validator(mode="after")
     def _budgets(self) -> "EmbeddingConfig":
         if isinstance(self.admission, AdmitOccurrence) and self.admission.filter_slots & (self.admission.filter_slots - 1):
             raise ValueError(f"admission.filter_slots must be a power of two, got {self.admission.filter_slots}")
         return self
-
-    def table(self, name: str) -> TableConfig:
-        for t in self.tables:
-            if t.name == name:
-                return t
-        raise ValueError(f"unknown embedding table '{name}' (known: {', '.join(t.name for t in self.tables)})")

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from .base import StrictModel
 from .data import DatasetConfig, StorageConfig, Uri, check_uri
-from .embedding import EmbeddingConfig, LookupMode
+from .embedding import EmbeddingConfig
 from .model import ModelConfig
 
 
@@ -48,18 +48,11 @@ class TrainSpec(StrictModel):
     # plus <output>/embeddings/ (a parameter-server checkpoint) when `embedding` is set.
     output: Uri
     storage: StorageConfig = StorageConfig()
-    # Present = the sparse tables live in parameter-server shards (Ray actors) instead of the model.
+    # Present = the sparse tables live in parameter-server shards (Ray actors) instead of the model. The
+    # tables are the dataset schema's (run in batch mode: pull/push per mini-batch).
     embedding: Optional[EmbeddingConfig] = None
 
     @field_validator("output")
     @classmethod
     def _uri(cls, v: str) -> str:
         return check_uri(v)
-
-    @field_validator("embedding")
-    @classmethod
-    def _batch_mode(cls, v: Optional[EmbeddingConfig]) -> Optional[EmbeddingConfig]:
-        if v is not None and v.mode is not LookupMode.batch:
-            raise ValueError(f"the train job runs embedding.mode 'batch' (got '{v.mode.value}'); pass mode is driven "
-                             "through PSEmbeddingLookup.begin_pass/end_pass from Python")
-        return v
