@@ -10,9 +10,10 @@ from pydantic import ValidationError
 
 from recmix.platform.specs.job import JOB_ADAPTER
 
-from .test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
+from tests.unit.test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
 
-TABLES = [{"name": n, "dim": 8} for n in ("user_id", "zip_prefix", "item_id", "genres", "hour")]
+# The tables are the dataset schema's (hist_items shares item_id's); only an override is written here.
+OVERRIDES = {"hour": {"initializer": {"kind": "uniform", "low": -0.05, "high": 0.05}}}
 
 
 def spec(uri, out, **emb):
@@ -20,13 +21,14 @@ def spec(uri, out, **emb):
         kind="train", dataset=dict(uri=uri), output=str(out), epochs=3, batch_size=64, seed=0, threads=1,
         optimizer=dict(name="adamw", lr=0.01), early_stopping=dict(patience=1),
         model=dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2),
-        embedding=dict(name="trainps", tables=TABLES, shards=2, optimizer={"kind": "rowwise_adagrad", "lr": 0.1},
-                       lmdb_path=str(out / "lmdb"), **emb)))
+        embedding={**dict(name="trainps", tables=OVERRIDES, shards=2, optimizer={"kind": "rowwise_adagrad", "lr": 0.1},
+                          lmdb_path=str(out / "lmdb")), **emb}))
 
 
-def test_pass_mode_is_rejected_by_the_train_spec(tmp_path):
-    with pytest.raises(ValidationError, match="the train job runs embedding.mode 'batch'"):
-        spec("x", tmp_path, mode="pass")
+@pytest.mark.parametrize("knob", [{"mode": "pass"}, {"hbm_rows": 1024}, {"tables": {"hour": {"dim": 8}}}])
+def test_lookup_knobs_and_table_dims_are_not_train_spec_fields(tmp_path, knob):
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        spec("x", tmp_path, **knob)
 
 
 @pytest.mark.slow
@@ -36,12 +38,13 @@ def test_train_with_parameter_server_tables(ray_cluster, tiny_dataset, tmp_path)
     from recmix.jobs.train import train
 
     res = train(spec(tiny_dataset, tmp_path / "run"), log=lambda s: None)
-    model = res["_model"]
+    model = res.model
     # The model holds no embedding table: every sparse row lives in the shards.
     assert not any(isinstance(m, torch.nn.Embedding) for m in model.modules())
-    assert res["test"]["auc"] > 0.6, res["test"]          # the planted rule is learnable through the PS
+    assert res.test["auc"] > 0.6, res.test          # the planted rule is learnable through the PS
     manifest = json.loads((tmp_path / "run" / "embeddings" / "manifest.json").read_text())
     assert manifest["shards"] == 2 and manifest["rows"]["item_id"] > 0 and manifest["rows"]["hour"] == 24
+    assert set(manifest["tables"]) == {"user_id", "zip_prefix", "item_id", "genres", "hour"}   # hist_items -> item_id
     # The shard actors were stopped after the checkpoint.
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "trainps" in str(a)]
     assert not alive

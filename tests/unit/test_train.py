@@ -132,3 +132,43 @@ def test_recmix_run_train_end_to_end(tiny_dataset, tmp_path):
     state = torch.load(out / "model.pt", weights_only=True)
     model = build_model(TypeAdapter(ModelConfig).validate_python(spec["model"]), toy_schema())
     model.load_state_dict(state)
+
+
+def _scripted_fit(monkeypatch, valid_aucs, patience, progress_s=10.0, n_rows=40):
+    """`fit` with train_step and evaluate replaced: epoch e scores valid_aucs[e - 1] on the valid split."""
+    from recmix.jobs.train import loop
+    from recmix.jobs.train.data import SplitArrays
+
+    def split(n):
+        return SplitArrays({"x": np.zeros(n, np.int64)}, np.zeros((n, 1), np.float32), np.arange(n, dtype=np.int64))
+
+    train, valid, test = split(n_rows), split(10), split(10)
+    aucs = iter(valid_aucs)
+
+    def evaluate(model, data, batch_size, warm_users=None):
+        a = next(aucs, 0.5) if data is valid else 0.5
+        return {"rows": len(data), "auc": a, "logloss": 0.7, "_probs": np.zeros((len(data), 1))}
+
+    monkeypatch.setattr(loop, "train_step", lambda model, batch, opt: {"loss": 0.25})
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    logs = []
+    res = loop.fit(torch.nn.Linear(1, 1), train, valid, test, optimizer=None, batch_size=4, eval_batch_size=4,
+                   epochs=len(valid_aucs), patience=patience, seed=0, log=logs.append, progress_s=progress_s)
+    return res, logs
+
+
+@pytest.mark.parametrize("patience, epochs_run", [(0, 3), (1, 3), (2, 4), (3, 5)])
+def test_early_stopping_stops_after_patience_epochs_without_gain(monkeypatch, patience, epochs_run):
+    # best at epoch 2, then no gain: stop after `patience` further epochs (patience 0: at the first one)
+    res, _ = _scripted_fit(monkeypatch, [0.6, 0.7, 0.65, 0.69, 0.68, 0.5, 0.5, 0.5], patience)
+    assert res.best_epoch == 2 and res.epochs_run == epochs_run
+    assert len(res.history) == res.epochs_run and [h["valid_auc"] for h in res.history][:2] == [0.6, 0.7]
+
+
+def test_progress_lines_within_an_epoch(monkeypatch):
+    _, quiet = _scripted_fit(monkeypatch, [0.6], patience=1)
+    assert not any("step" in line for line in quiet)
+    _, logs = _scripted_fit(monkeypatch, [0.6], patience=1, progress_s=0.0)
+    steps = [line for line in logs if " step " in line]
+    assert len(steps) == 9                   # 10 steps of 4 rows; none after the last step (the epoch line follows)
+    assert steps[0].startswith("[train] epoch 1 step 1/10:") and "samples/s" in steps[0] and "loss 0.2500" in steps[0]

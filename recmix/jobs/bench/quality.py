@@ -69,10 +69,10 @@ def _one(args) -> dict:
             idx = np.arange(min(n, len(sa)))
             splits[split] = type(sa)({k: v[idx] for k, v in sa.columns.items()}, sa.labels[idx], sa.user_key[idx])
     res = train(spec, splits, schema, log=lambda s: print(f"[{name} s{seed}] {s}", flush=True), write=not quick)
-    return {"name": name, "seed": seed, "test": res["test"], "valid_auc": res["valid"]["auc"], "best_epoch": res["best_epoch"],
-            "epochs_run": res["epochs_run"], "params_dense": res["counts"]["dense"]["params"],
-            "flops": res["counts"]["dense"]["flops"], "samples_per_s": res["train_samples_per_s"],
-            "probs": res["_test_probs"][:, 0], "labels": splits["test"].labels[:, 0], "users": splits["test"].user_key}
+    return {"name": name, "seed": seed, "test": res.test, "valid_auc": res.valid["auc"], "best_epoch": res.best_epoch,
+            "epochs_run": res.epochs_run, "params_dense": res.counts["dense"]["params"],
+            "flops": res.counts["dense"]["flops"], "samples_per_s": res.train_samples_per_s,
+            "probs": res.test_probs[:, 0], "labels": splits["test"].labels[:, 0], "users": splits["test"].user_key}
 
 
 def run(quick: bool = False) -> BenchReport:

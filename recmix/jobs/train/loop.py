@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,8 @@ from recmix.models.base import RankingModel
 
 from .data import SplitArrays
 from .metrics import auc, logloss
+
+PROGRESS_S = 10.0   # seconds between progress lines within an epoch
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -66,27 +69,48 @@ def evaluate(model: RankingModel, data: SplitArrays, batch_size: int, warm_users
     return out
 
 
+@dataclass
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    valid: dict                 # metrics of the best epoch's weights (evaluate's keys)
+    test: dict
+    history: list[dict]         # one record per epoch
+    train_seconds: float
+    train_samples_per_s: float
+    test_probs: np.ndarray      # (N_test, K) probabilities of the best epoch's weights
+
+
 def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: SplitArrays, *, optimizer: torch.optim.Optimizer,
         batch_size: int, eval_batch_size: int, epochs: int, patience: int, seed: int,
         log: Callable[[str], None] = print, snapshot: Callable[[int], None] | None = None,
-        restore: Callable[[int], None] | None = None) -> dict:
-    """`snapshot(epoch)` / `restore(epoch)` keep state outside the model's state_dict (parameter-server
-    rows) in step with the best epoch's dense weights."""
+        restore: Callable[[int], None] | None = None, progress_s: float = PROGRESS_S) -> FitResult:
+    """Stops after `patience` epochs in a row without a better valid AUC. Logs one progress line about
+    every `progress_s` seconds of an epoch. `snapshot(epoch)` / `restore(epoch)` keep state outside the
+    model's state_dict (parameter-server rows) in step with the best epoch's dense weights."""
     rng = np.random.default_rng(seed)
     warm_users = np.unique(train.user_key)
     best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0
     history = []
     t_train, n_seen = 0.0, 0
+    n_steps = -(-len(train) // batch_size)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
+        t_report = t0
         sums: dict[str, float] = {}
-        steps = 0
+        steps = n_epoch = 0
         for batch in train.batches(batch_size, rng):
             parts = train_step(model, batch, optimizer)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
-            n_seen += batch["labels"].shape[0]
+            n_epoch += batch["labels"].shape[0]
+            now = time.perf_counter()
+            if now - t_report >= progress_s and steps < n_steps:
+                t_report = now
+                log(f"[train] epoch {epoch} step {steps}/{n_steps}: {n_epoch / (now - t0):,.0f} samples/s  "
+                    f"loss {sums.get('loss', float('nan')) / steps:.4f}")
+        n_seen += n_epoch
         t_train += time.perf_counter() - t0
         val = evaluate(model, valid, eval_batch_size)
         val.pop("_probs")
@@ -102,7 +126,7 @@ def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: Split
                 snapshot(epoch)
         else:
             bad += 1
-            if bad > patience:
+            if bad >= patience:
                 log(f"[train] early stop: no valid AUC gain for {bad} epochs (best {best_auc:.4f} at epoch {best_epoch})")
                 break
     if best_state is not None:
@@ -113,6 +137,5 @@ def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: Split
     tst = evaluate(model, test, eval_batch_size, warm_users)
     probs = tst.pop("_probs")
     val.pop("_probs")
-    return {"best_epoch": best_epoch, "epochs_run": len(history), "valid": val, "test": tst, "history": history,
-            "train_seconds": round(t_train, 2), "train_samples_per_s": round(n_seen / max(t_train, 1e-9), 1),
-            "_test_probs": probs}
+    return FitResult(best_epoch, len(history), val, tst, history, round(t_train, 2),
+                     round(n_seen / max(t_train, 1e-9), 1), probs)
