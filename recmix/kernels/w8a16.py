@@ -1,183 +1,27 @@
-"""W8A16 per-token linear: int8 weights + fp16 scales, 16-bit activations, fp32 accumulation (spec §5.8).
+"""W8A16 dispatcher: one per-token W8A16 matmul, run by the backend the caller fixed (spec §5.8).
 
-Legend: B rows per token, T tokens (weight banks), I input width, O output width, G scale groups along I.
-    x_BTI   activations (fp16 / bf16; fp32 accepted and returned as fp32)
-    q_TIO   int8 weight in [-127, 127]; `quantize_w8a16` returns it as a view of output-major (T, O, I)
-            storage, the layout `torch._weight_int8pack_mm` wants (so the CPU path never copies it)
-    s_TO    fp16 scale per output channel (granularity per_channel)
-    s_TGO   fp16 scale per group of `group_size` rows of I (granularity per_group; last group may be short)
-    w_TIO ~= s * q
-
-Backends (`pertoken_linear_w8a16` picks one; `RECMIX_W8A16_BACKEND=triton|cpu|reference` overrides):
-    triton     recmix.kernels.w8a16_triton, for CUDA tensors
-    cpu        measured-fastest CPU path (docs/kernels.md, `recmix bench w8a16`)
-    reference  dequantize to fp32, then bmm: readable, the numerical ground truth
+Legend as in recmix.kernels.w8a16_reference. The backend is a `KernelBackend` chosen once, when the
+quantized layers are built (`W8A16Config.backend`, stored on each layer), never read from the environment:
+    triton     recmix.kernels.w8a16_triton (CUDA; on CPU only under TRITON_INTERPRET=1, the tests)
+    cpu        recmix.kernels.w8a16_cpu, the measured-fastest CPU path
+    reference  recmix.kernels.w8a16_reference: dequantize to fp32, then bmm
+    auto       by the tensor's device: triton on CUDA when triton is installed, cpu on CPU, else reference
 """
 
 from __future__ import annotations
 
-import enum
 import functools
-import math
-import os
 from typing import Optional
 
 import torch
 
-GROUP_SIZE = 128
-_QMAX = 127
-_FP16_TINY = 2.0**-24  # smallest positive fp16: scale floor, so all-zero columns get q = 0 (no 0/0)
-_FP16_MAX = 65504.0
-# Rows per token up to which torch._weight_int8pack_mm (bf16 activations, weights stay int8) beat or tied
-# the int8 -> fp32 bmm path, one thread, on the AVX2 reference machine (`recmix bench w8a16`, docs/kernels.md).
-INT8PACK_MAX_ROWS = 32
-# torch 2.13's CPU `_weight_int8pack_mm` segfaults (no error) for K = I not a multiple of 8 (measured:
-# K in {2..33, 100, 129} crash, multiples of 8 from 8 to 256 pass); such layers take the bmm path.
-INT8PACK_K_MULTIPLE = 8
-BACKEND_ENV = "RECMIX_W8A16_BACKEND"
+from recmix.kernels.w8a16_cpu import pertoken_linear_w8a16_cpu
+from recmix.kernels.w8a16_reference import GROUP_SIZE, pertoken_linear_w8a16_reference
+from recmix.platform.specs.w8a16 import KernelBackend
 
 
-class Granularity(str, enum.Enum):
-    per_channel = "per_channel"
-    per_group = "per_group"
-
-
-class Backend(str, enum.Enum):
-    triton = "triton"
-    cpu = "cpu"
-    reference = "reference"
-
-
-def quantize_w8a16(
-    w_TIO: torch.Tensor, granularity: Granularity | str = Granularity.per_channel, group_size: int = GROUP_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 PTQ of per-token weights: (q_TIO int8, s_TO or s_TGO fp16).
-
-    q is rounded against the fp16-ROUNDED scale, so |w - s*q| <= s/2 holds for the stored s (invariant 29).
-    """
-    granularity = Granularity(granularity)
-    if w_TIO.dim() != 3 or not w_TIO.is_floating_point():
-        raise ValueError(f"quantize_w8a16 expects a floating (T, I, O) weight, got shape {tuple(w_TIO.shape)} dtype {w_TIO.dtype}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    w = w_TIO.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("quantize_w8a16: weight contains inf/nan")
-    T, I, O = w.shape
-    if granularity is Granularity.per_channel:
-        amax = w.abs().amax(dim=1)  # (T, O)
-    else:
-        G = math.ceil(I / group_size)
-        padded = torch.nn.functional.pad(w, (0, 0, 0, G * group_size - I))  # zero rows do not change a max of |w|
-        amax = padded.view(T, G, group_size, O).abs().amax(dim=2)  # (T, G, O)
-    if float(amax.max()) / _QMAX > _FP16_MAX:
-        raise ValueError(f"quantize_w8a16: max |w| = {float(amax.max()):.3g} gives a scale above fp16 max {_FP16_MAX}")
-    s = (amax / _QMAX).clamp_min(_FP16_TINY).half()
-    q = torch.round(w / expand_scales(s, I, group_size)).clamp_(-_QMAX, _QMAX).to(torch.int8)
-    return q.transpose(1, 2).contiguous().transpose(1, 2), s
-
-
-def granularity_of(q_TIO: torch.Tensor, s: torch.Tensor, group_size: int = GROUP_SIZE) -> Granularity:
-    """Infer and validate the scale layout; raises ValueError naming the shapes."""
-    if q_TIO.dim() != 3 or q_TIO.dtype != torch.int8:
-        raise ValueError(f"q must be int8 (T, I, O), got shape {tuple(q_TIO.shape)} dtype {q_TIO.dtype}")
-    T, I, O = q_TIO.shape
-    if s.dim() == 2 and tuple(s.shape) == (T, O):
-        return Granularity.per_channel
-    G = math.ceil(I / group_size)
-    if s.dim() == 3 and tuple(s.shape) == (T, G, O):
-        return Granularity.per_group
-    raise ValueError(
-        f"scale shape {tuple(s.shape)} matches neither per_channel (T, O) = {(T, O)} nor per_group "
-        f"(T, ceil(I/{group_size}), O) = {(T, G, O)} for q of shape {(T, I, O)}"
-    )
-
-
-def expand_scales(s: torch.Tensor, I: int, group_size: int = GROUP_SIZE) -> torch.Tensor:
-    """fp32 scales broadcastable against (T, I, O)."""
-    if s.dim() == 2:
-        return s.float().unsqueeze(1)
-    return s.float().repeat_interleave(group_size, dim=1)[:, :I]
-
-
-def dequantize_w8a16(q_TIO: torch.Tensor, s: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
-    granularity_of(q_TIO, s, group_size)
-    return q_TIO.float() * expand_scales(s, q_TIO.shape[1], group_size)
-
-
-def pertoken_linear_w8a16_reference(
-    x_BTI: torch.Tensor, q_TIO: torch.Tensor, s: torch.Tensor, b_TO: Optional[torch.Tensor] = None, *, group_size: int = GROUP_SIZE
-) -> torch.Tensor:
-    """Readable reference: dequantize to fp32, one fp32 bmm over the token axis, cast to x's dtype."""
-    w_TIO = dequantize_w8a16(q_TIO, s, group_size)
-    y_BTO = torch.bmm(x_BTI.float().transpose(0, 1), w_TIO).transpose(0, 1)
-    if b_TO is not None:
-        y_BTO = y_BTO + b_TO.float()
-    return y_BTO.to(x_BTI.dtype)
-
-
-def _check(x_BTI: torch.Tensor, q_TIO: torch.Tensor, s: torch.Tensor, b_TO: Optional[torch.Tensor], group_size: int) -> Granularity:
-    g = granularity_of(q_TIO, s, group_size)
-    T, I, O = q_TIO.shape
-    if x_BTI.dim() != 3 or x_BTI.shape[1] != T or x_BTI.shape[2] != I:
-        raise ValueError(f"x shape {tuple(x_BTI.shape)} does not match (B, T, I) with T={T}, I={I} from q {(T, I, O)}")
-    if x_BTI.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"W8A16 activations must be fp16, bf16 or fp32, got {x_BTI.dtype}")
-    if b_TO is not None and tuple(b_TO.shape) != (T, O):
-        raise ValueError(f"bias shape {tuple(b_TO.shape)} != (T, O) = {(T, O)}")
-    return g
-
-
-def pertoken_linear_w8a16_cpu(
-    x_BTI: torch.Tensor, q_TIO: torch.Tensor, s: torch.Tensor, b_TO: Optional[torch.Tensor] = None, *, group_size: int = GROUP_SIZE
-) -> torch.Tensor:
-    """Measured-fastest CPU path (docs/kernels.md):
-
-    - per_channel, rows <= INT8PACK_MAX_ROWS, I % 8 == 0: `torch._weight_int8pack_mm` per token (the weight stays int8,
-      bf16 activations, ATen's vectorized int8 GEMM), the fp32 scale applied to its output; T calls, T is small.
-    - otherwise: int8 -> fp32 conversion of the weight, fp32 bmm, per-channel scale applied to the output
-      (exact: the scale is constant along I); per_group dequantizes fully first. The fp32 copy is transient.
-    """
-    g = _check(x_BTI, q_TIO, s, b_TO, group_size)
-    B, T, I = x_BTI.shape
-    if g is Granularity.per_channel and B <= INT8PACK_MAX_ROWS and I % INT8PACK_K_MULTIPLE == 0:
-        x_bf = x_BTI.to(torch.bfloat16)
-        q_TOI = q_TIO.transpose(1, 2)
-        # int8pack wants bf16 scales; converting T*O fp16 scales per call cost more than the M*T*O output
-        # multiply at small M, and scaling in fp32 afterwards keeps s exact (no bf16 rounding of s)
-        ones = _ones_bf16(q_TIO.shape[2])
-        outs = [torch._weight_int8pack_mm(x_bf[:, t], q_TOI[t].contiguous(), ones) for t in range(T)]
-        # same-dtype multiply: a bf16 * fp32 promoting `mul` takes a slow non-vectorized path (~0.25 ms here)
-        y_BTO = torch.stack(outs, dim=1).float().mul_(s.float())
-    elif g is Granularity.per_channel:
-        y_BTO = torch.bmm(x_BTI.float().transpose(0, 1), q_TIO.float()).transpose(0, 1) * s.float()
-    else:
-        y_BTO = torch.bmm(x_BTI.float().transpose(0, 1), dequantize_w8a16(q_TIO, s, group_size)).transpose(0, 1)
-    if b_TO is not None:
-        y_BTO = y_BTO + b_TO.float()
-    return y_BTO.to(x_BTI.dtype)
-
-
-@functools.lru_cache(maxsize=32)
-def _ones_bf16(n: int) -> torch.Tensor:
-    return torch.ones(n, dtype=torch.bfloat16)
-
-
-def select_backend(x_BTI: torch.Tensor) -> Backend:
-    forced = os.environ.get(BACKEND_ENV, "").strip()
-    if forced:
-        try:
-            return Backend(forced)
-        except ValueError:
-            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {[b.value for b in Backend]}") from None
-    if x_BTI.is_cuda and _triton_available():
-        return Backend.triton
-    if x_BTI.device.type == "cpu":
-        return Backend.cpu
-    return Backend.reference
-
-
-def _triton_available() -> bool:
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -185,18 +29,34 @@ def _triton_available() -> bool:
     return True
 
 
-def pertoken_linear_w8a16(
-    x_BTI: torch.Tensor, q_TIO: torch.Tensor, s_TO: torch.Tensor, b_TO: Optional[torch.Tensor] = None, *, group_size: int = GROUP_SIZE
-) -> torch.Tensor:
-    """y_BTO = x_BTI @ (s * q)_TIO + b_TO per token, by the backend `select_backend` picks.
+def resolve_backend(backend: KernelBackend | str, device: torch.device | str) -> KernelBackend:
+    """The concrete backend for `backend` on `device`; raises ValueError when triton is asked for but missing."""
+    backend = KernelBackend(backend)
+    device = torch.device(device)
+    if backend is KernelBackend.triton and not triton_available():
+        raise ValueError("W8A16 backend 'triton' requested but the triton package is not installed")
+    if backend is not KernelBackend.auto:
+        return backend
+    if device.type == "cuda" and triton_available():
+        return KernelBackend.triton
+    return KernelBackend.cpu if device.type == "cpu" else KernelBackend.reference
 
-    `s_TO` may also be per-group scales s_TGO (see the legend)."""
-    backend = select_backend(x_BTI)
-    if backend is Backend.triton:
-        from recmix.kernels.w8a16_triton import pertoken_linear_w8a16_triton
+
+def pertoken_linear_w8a16(
+    x_BTI: torch.Tensor,
+    q_TIO: torch.Tensor,
+    s_TO: torch.Tensor,
+    b_TO: Optional[torch.Tensor] = None,
+    *,
+    group_size: int = GROUP_SIZE,
+    backend: KernelBackend = KernelBackend.auto,
+) -> torch.Tensor:
+    """y_BTO = x_BTI @ (s * q)_TIO + b_TO per token. `s_TO` may also be per-group scales s_TGO."""
+    backend = resolve_backend(backend, x_BTI.device)
+    if backend is KernelBackend.triton:
+        from recmix.kernels.w8a16_triton import pertoken_linear_w8a16_triton  # imports triton: only when asked
 
         return pertoken_linear_w8a16_triton(x_BTI, q_TIO, s_TO, b_TO, group_size=group_size)
-    if backend is Backend.cpu:
+    if backend is KernelBackend.cpu:
         return pertoken_linear_w8a16_cpu(x_BTI, q_TIO, s_TO, b_TO, group_size=group_size)
-    _check(x_BTI, q_TIO, s_TO, b_TO, group_size)
     return pertoken_linear_w8a16_reference(x_BTI, q_TIO, s_TO, b_TO, group_size=group_size)

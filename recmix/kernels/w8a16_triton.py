@@ -1,6 +1,6 @@
-"""Triton kernel for the batched per-token W8A16 matmul; reference: `w8a16.pertoken_linear_w8a16_reference`.
+"""Triton kernel for the batched per-token W8A16 matmul; reference: `w8a16_reference.pertoken_linear_w8a16_reference`.
 
-Legend as in recmix.kernels.w8a16 (B rows, T tokens, I = K input width, O = N output width).
+Legend as in recmix.kernels.w8a16_reference (B rows, T tokens, I = K input width, O = N output width).
 Grid (t, M-tiles, N-tiles): each program owns one (BLOCK_M, BLOCK_N) output tile of one token's bank.
 Per K step it loads a 16-bit x tile and an int8 q tile, converts q to the activation dtype in registers
 (|q| <= 127 is exact in fp16 and bf16) and accumulates the dot in fp32. The symmetric scale is constant
@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from recmix.kernels.w8a16 import GROUP_SIZE, Granularity, _check
+from recmix.kernels.w8a16_reference import GROUP_SIZE, check_inputs
+from recmix.platform.specs.w8a16 import Granularity
 
 
 @triton.jit
@@ -38,7 +39,6 @@ def _w8a16_pertoken_kernel(
     GROUP: tl.constexpr,  # 0: per_channel; else rows of K per scale group (a multiple of BLOCK_K)
     HAS_BIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-    SKIP_SCALES: tl.constexpr,  # deliberately wrong variant, only for the tests' checker
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -61,13 +61,13 @@ def _w8a16_pertoken_kernel(
             part = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
             part = tl.dot(x, q.to(x.dtype))
-        if GROUP > 0 and not SKIP_SCALES:
+        if GROUP > 0:
             s_g = tl.load(s_row + (k0 // GROUP) * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
             part = part * s_g[None, :]
         acc += part
         x_ptrs += BLOCK_K * stride_xk
         q_ptrs += BLOCK_K * stride_qk
-    if GROUP == 0 and not SKIP_SCALES:
+    if GROUP == 0:
         s_c = tl.load(s_row, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s_c[None, :]
     if HAS_BIAS:
@@ -95,10 +95,9 @@ def pertoken_linear_w8a16_triton(
     *,
     group_size: int = GROUP_SIZE,
     blocks: Optional[tuple[int, int, int]] = None,
-    _skip_scales: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel; fp32 activations are run as bf16 and returned as fp32 (W8A16 means 16-bit A)."""
-    g = _check(x_BTI, q_TIO, s, b_TO, group_size)
+    g = check_inputs(x_BTI, q_TIO, s, b_TO, group_size)
     B, T, I = x_BTI.shape
     O = q_TIO.shape[2]
     x = x_BTI if x_BTI.dtype in (torch.float16, torch.bfloat16) else x_BTI.to(torch.bfloat16)
@@ -124,7 +123,6 @@ def pertoken_linear_w8a16_triton(
         GROUP=group,
         HAS_BIAS=b_TO is not None,
         UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,
-        SKIP_SCALES=_skip_scales,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y if y.dtype == x_BTI.dtype else y.to(x_BTI.dtype)

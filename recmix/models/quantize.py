@@ -15,63 +15,48 @@ PerTokenLinear -> per_token_ffn (per-token FFN / expert weights, the default tar
 
 from __future__ import annotations
 
-import enum
 import io
 from typing import Iterable, Optional
 
 import torch
-from pydantic import field_validator
 from torch import nn
 
-from recmix.kernels.w8a16 import GROUP_SIZE, Granularity, dequantize_w8a16, pertoken_linear_w8a16, quantize_w8a16
+from recmix.kernels.w8a16 import pertoken_linear_w8a16, resolve_backend
+from recmix.kernels.w8a16_reference import GROUP_SIZE, quantize_w8a16
+from recmix.models.token_layers import PerTokenLinear
 from recmix.platform import storage
 from recmix.platform.errors import RecmixError
-from recmix.platform.specs.base import StrictModel
 from recmix.platform.specs.data import StorageConfig
+from recmix.platform.specs.w8a16 import Granularity, KernelBackend, Target, W8A16Config
 
 FORMAT = "recmix.w8a16"
 FORMAT_VERSION = 1
 
 
-class Target(str, enum.Enum):
-    per_token_ffn = "per_token_ffn"
-    tokenizer = "tokenizer"
-    heads = "heads"
-
-
-class W8A16Config(StrictModel):
-    """`serve_quant=w8a16` options (spec §5.8)."""
-
-    granularity: Granularity = Granularity.per_channel
-    targets: list[Target] = [Target.per_token_ffn]
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v: list[Target]) -> list[Target]:
-        if Target.per_token_ffn not in v:
-            raise ValueError(f"w8a16.targets must include per_token_ffn (options add tokenizer / heads to it), got {[t.value for t in v]}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"w8a16.targets has duplicates: {[t.value for t in v]}")
-        return v
-
-
 class W8A16PerTokenLinear(nn.Module):
     """Inference-only per-token linear on int8 weights; q is stored output-major as q_TOI (see w8a16.py)."""
 
-    def __init__(self, n_banks: int, d_in: int, d_out: int, *, bias: bool, granularity: Granularity = Granularity.per_channel):
+    def __init__(
+        self, n_banks: int, d_in: int, d_out: int, *, bias: bool, granularity: Granularity = Granularity.per_channel,
+        backend: KernelBackend = KernelBackend.auto,
+    ):
         super().__init__()
         # same size attributes as PerTokenLinear: model code (MoE dispatch, UG-Sep bank ranges) reads them
         self.n_banks, self.d_in, self.d_out = n_banks, d_in, d_out
         self.granularity = Granularity(granularity)
+        # fixed when the layer is built (W8A16Config.backend); `auto` follows the input's device
+        self.backend = KernelBackend(backend)
         self.register_buffer("q_TOI", torch.zeros(n_banks, d_out, d_in, dtype=torch.int8))
         s_shape = (n_banks, d_out) if self.granularity is Granularity.per_channel else (n_banks, -(-d_in // GROUP_SIZE), d_out)
         self.register_buffer("scale", torch.ones(s_shape, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(n_banks, d_out) if bias else None)
 
     @classmethod
-    def from_float(cls, w_TIO: torch.Tensor, b_TO: Optional[torch.Tensor], granularity: Granularity) -> "W8A16PerTokenLinear":
+    def from_float(
+        cls, w_TIO: torch.Tensor, b_TO: Optional[torch.Tensor], granularity: Granularity, backend: KernelBackend = KernelBackend.auto
+    ) -> "W8A16PerTokenLinear":
         T, I, O = w_TIO.shape
-        mod = cls(T, I, O, bias=b_TO is not None, granularity=granularity)
+        mod = cls(T, I, O, bias=b_TO is not None, granularity=granularity, backend=backend)
         q_TIO, s = quantize_w8a16(w_TIO, granularity)
         mod.q_TOI.copy_(q_TIO.transpose(1, 2))
         mod.scale.copy_(s)
@@ -82,40 +67,30 @@ class W8A16PerTokenLinear(nn.Module):
     def q_TIO(self) -> torch.Tensor:
         return self.q_TOI.transpose(1, 2)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_w8a16(self.q_TIO(), self.scale)
-
     def forward(self, x_BTI: torch.Tensor) -> torch.Tensor:
-        return pertoken_linear_w8a16(x_BTI, self.q_TIO(), self.scale, self.bias)
+        return pertoken_linear_w8a16(x_BTI, self.q_TIO(), self.scale, self.bias, backend=self.backend)
 
     def forward_banks(self, x_BPI: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Banks [lo, hi) only (UG-Sep's user / candidate bank ranges, recmix.models.ugsep_ops)."""
         bias = None if self.bias is None else self.bias[lo:hi]
-        return pertoken_linear_w8a16(x_BPI, self.q_TOI[lo:hi].transpose(1, 2), self.scale[lo:hi], bias)
+        return pertoken_linear_w8a16(x_BPI, self.q_TOI[lo:hi].transpose(1, 2), self.scale[lo:hi], bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"banks={self.n_banks}, I={self.d_in}, O={self.d_out}, {self.granularity.value}, bias={self.bias is not None}"
+        return f"banks={self.n_banks}, I={self.d_in}, O={self.d_out}, {self.granularity.value}, bias={self.bias is not None}, backend={self.backend.value}"
 
 
 class W8A16Linear(W8A16PerTokenLinear):
     """An `nn.Linear` (tokenizer / heads targets) as one weight bank: x_NI -> (N, 1, I) -> y_NO."""
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, granularity: Granularity) -> "W8A16Linear":
-        return cls.from_float(lin.weight.detach().t().unsqueeze(0), None if lin.bias is None else lin.bias.detach().unsqueeze(0), granularity)
+    def from_linear(cls, lin: nn.Linear, granularity: Granularity, backend: KernelBackend = KernelBackend.auto) -> "W8A16Linear":
+        b_TO = None if lin.bias is None else lin.bias.detach().unsqueeze(0)
+        return cls.from_float(lin.weight.detach().t().unsqueeze(0), b_TO, granularity, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = super().forward(x.reshape(-1, 1, x.shape[-1]))
         return y.reshape(*lead, self.d_out)
-
-
-def _pertoken_classes() -> tuple[type, ...]:
-    try:
-        from recmix.models.token_layers import PerTokenLinear
-    except ImportError:  # models engineer's module not there yet: nothing to find
-        return ()
-    return (PerTokenLinear,)
 
 
 def _part(name: str) -> Optional[Target]:
@@ -136,7 +111,7 @@ def _plan(model: nn.Module, cfg: W8A16Config, classes: tuple[type, ...]) -> list
         part = _part(name)
         if part is None or part not in cfg.targets:
             continue
-        if classes and isinstance(mod, classes):
+        if isinstance(mod, classes):
             plan.append((name, "pertoken"))
         elif type(mod) is nn.Linear and part is not Target.per_token_ffn:
             plan.append((name, "linear"))
@@ -154,29 +129,36 @@ def quantize_model(
     targets: Iterable[Target | str] = (Target.per_token_ffn,),
     granularity: Granularity | str = Granularity.per_channel,
     *,
+    backend: KernelBackend | str = KernelBackend.auto,
     config: Optional[W8A16Config] = None,
-    classes: Optional[tuple[type, ...]] = None,
+    classes: tuple[type, ...] = (PerTokenLinear,),
 ) -> nn.Module:
     """Swap the targeted layers in place for W8A16 ones and return the model (in eval mode).
 
-    `classes` overrides which module types count as per-token linears (default: recmix PerTokenLinear)."""
-    cfg = config or W8A16Config(granularity=granularity, targets=list(targets))
-    classes = _pertoken_classes() if classes is None else classes
+    `config` replaces targets / granularity / backend; `classes` are the module types that count as per-token linears."""
+    cfg = config or W8A16Config(granularity=granularity, targets=list(targets), backend=backend)
+    _check_backend(model, cfg.backend)
     plan = _plan(model, cfg, classes)
     if not plan:
         raise ValueError(f"quantize_model: no layer to quantize for targets {[t.value for t in cfg.targets]} in {type(model).__name__}")
     for name, kind in plan:
         mod = model.get_submodule(name)
         if kind == "pertoken":
-            new = W8A16PerTokenLinear.from_float(mod.weight.detach(), getattr(mod, "bias", None), cfg.granularity)
+            new = W8A16PerTokenLinear.from_float(mod.weight.detach(), getattr(mod, "bias", None), cfg.granularity, cfg.backend)
         else:
-            new = W8A16Linear.from_linear(mod, cfg.granularity)
+            new = W8A16Linear.from_linear(mod, cfg.granularity, cfg.backend)
         if name:
             _swap(model, name, new)
         else:  # the model is itself one layer: nothing to swap into, the new layer is the model
             model = new
     model._recmix_w8a16 = {"config": cfg.model_dump(mode="json"), "modules": plan}
     return model.eval()
+
+
+def _check_backend(model: nn.Module, backend: KernelBackend) -> None:
+    """Fail at build time, not on the first forward, when the configured backend cannot run here."""
+    p = next(model.parameters(), None)
+    resolve_backend(backend, p.device if p is not None else "cpu")
 
 
 def export_quantized(model: nn.Module, uri: str, storage_cfg: Optional[StorageConfig] = None) -> None:
@@ -197,13 +179,20 @@ def export_quantized(model: nn.Module, uri: str, storage_cfg: Optional[StorageCo
     storage.write_bytes_atomic(fs, path, buf.getvalue())
 
 
-def load_quantized(model: nn.Module, uri: str, storage_cfg: Optional[StorageConfig] = None) -> nn.Module:
-    """Rebuild the quantized layers on a freshly built (float) model of the same architecture, then load."""
+def load_quantized(
+    model: nn.Module, uri: str, storage_cfg: Optional[StorageConfig] = None, *, backend: Optional[KernelBackend | str] = None
+) -> nn.Module:
+    """Rebuild the quantized layers on a freshly built (float) model of the same architecture, then load.
+
+    `backend` replaces the exported config's backend (a property of the serving machine, not of the weights)."""
     fs, path = storage.resolve(uri, storage_cfg)
     payload = torch.load(io.BytesIO(storage.read_bytes(fs, path)), weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
         raise RecmixError(f"{uri}: not a {FORMAT} v{FORMAT_VERSION} export")
     cfg = W8A16Config(**payload["config"])
+    if backend is not None:
+        cfg = cfg.model_copy(update={"backend": KernelBackend(backend)})
+    _check_backend(model, cfg.backend)
     for name, kind in payload["modules"]:
         try:
             mod = model.get_submodule(name)
@@ -212,7 +201,7 @@ def load_quantized(model: nn.Module, uri: str, storage_cfg: Optional[StorageConf
         w_TIO = mod.weight.detach().t().unsqueeze(0) if kind == "linear" else mod.weight.detach()
         T, I, O = w_TIO.shape
         cls = W8A16Linear if kind == "linear" else W8A16PerTokenLinear
-        _swap(model, name, cls(T, I, O, bias=getattr(mod, "bias", None) is not None, granularity=cfg.granularity))
+        _swap(model, name, cls(T, I, O, bias=getattr(mod, "bias", None) is not None, granularity=cfg.granularity, backend=cfg.backend))
     model.load_state_dict(payload["state_dict"], strict=True)
     model._recmix_w8a16 = {"config": cfg.model_dump(mode="json"), "modules": [tuple(p) for p in payload["modules"]]}
     return model.eval()

@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recmix.kernels import w8a16
-from recmix.kernels.w8a16 import (
-    Backend,
-    Granularity,
-    dequantize_w8a16,
-    pertoken_linear_w8a16,
-    pertoken_linear_w8a16_cpu,
-    pertoken_linear_w8a16_reference,
-    quantize_w8a16,
-)
+from recmix.kernels import w8a16, w8a16_cpu
+from recmix.kernels.w8a16 import pertoken_linear_w8a16, resolve_backend
+from recmix.kernels.w8a16_cpu import pertoken_linear_w8a16_cpu
+from recmix.kernels.w8a16_reference import dequantize_w8a16, expand_scales, pertoken_linear_w8a16_reference, quantize_w8a16
+from recmix.platform.specs.w8a16 import Granularity, KernelBackend
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -29,7 +24,7 @@ def test_roundtrip_error_is_at_most_half_a_step(granularity, shape):
     q, s = quantize_w8a16(w, granularity)
     assert q.dtype == torch.int8 and s.dtype == torch.float16
     assert int(q.abs().max()) <= 127
-    s_full = w8a16.expand_scales(s, shape[1])
+    s_full = expand_scales(s, shape[1])
     err = (w - dequantize_w8a16(q, s)).abs()
     # q was rounded against the stored fp16 s, so the bound holds for s itself, up to fp32 arithmetic
     assert bool((err <= s_full / 2 * (1 + 1e-5) + 1e-12).all()), float((err / s_full).max())
@@ -96,13 +91,14 @@ def test_layer_output_within_1e2_of_the_16bit_layer_and_half_the_bytes(granulari
     assert 0.5 <= bytes8 / bytes16 <= 0.5 + 2.0 / 128  # 1 + 2/g bytes per weight vs 2
 
 
-# I = 45 and I = 1 are not multiples of 8 (torch._weight_int8pack_mm's unsafe case); the last two sit on either
-# side of INT8PACK_MAX_ROWS, where the CPU path switches from int8pack to the int8 -> fp32 bmm
-ABOVE = w8a16.INT8PACK_MAX_ROWS + 1
+# I = 45, 24 and 1 are not multiples of 16 (torch._weight_int8pack_mm segfaults there: a regression crashes
+# the run); the last two sit on either side of INT8PACK_MAX_ROWS, where the CPU path switches from int8pack to
+# the int8 -> fp32 bmm
+ABOVE = w8a16_cpu.INT8PACK_MAX_ROWS + 1
 
 
-@pytest.mark.parametrize("B,T,I,O", [(1, 1, 1, 1), (3, 2, 45, 33), (5, 3, 64, 20), (ABOVE, 2, 40, 24),
-                                     (w8a16.INT8PACK_MAX_ROWS, 4, 256, 96)])
+@pytest.mark.parametrize("B,T,I,O", [(1, 1, 1, 1), (3, 2, 45, 33), (4, 2, 24, 20), (5, 3, 64, 20), (ABOVE, 2, 40, 24),
+                                     (w8a16_cpu.INT8PACK_MAX_ROWS, 4, 256, 96)])
 @pytest.mark.parametrize("granularity", list(Granularity))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_path_matches_reference(B, T, I, O, granularity, dtype):
@@ -127,17 +123,54 @@ def test_cpu_path_does_not_need_contiguous_output_major_q():
     assert rel_err(pertoken_linear_w8a16_cpu(x, q.contiguous(), s), pertoken_linear_w8a16_reference(x, q, s)) < 1e-2
 
 
-def test_backend_selection_and_override(monkeypatch):
+def test_auto_backend_follows_the_device():
+    assert resolve_backend(KernelBackend.auto, "cpu") is KernelBackend.cpu
+    assert resolve_backend("reference", "cpu") is KernelBackend.reference
+    with pytest.raises(ValueError, match="'cuda' is not a valid KernelBackend"):
+        resolve_backend("cuda", "cpu")
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """Replace the dispatcher's `name` by a wrapper that records each call, then runs the original."""
+    calls: list = []
+    real = getattr(w8a16, name)
+
+    def spy(*a, **kw):
+        calls.append(name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(w8a16, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend,expected", [(KernelBackend.reference, "pertoken_linear_w8a16_reference"),
+                                              ("cpu", "pertoken_linear_w8a16_cpu"),
+                                              (KernelBackend.auto, "pertoken_linear_w8a16_cpu")])
+def test_backend_override_picks_that_backend(monkeypatch, backend, expected):
+    """Fails if the dispatcher ignores `backend`: each backend's entry point is spied on, only one may run."""
+    ref_calls = _spy(monkeypatch, "pertoken_linear_w8a16_reference")
+    cpu_calls = _spy(monkeypatch, "pertoken_linear_w8a16_cpu")
     x = torch.randn(2, 1, 8)
-    monkeypatch.delenv(w8a16.BACKEND_ENV, raising=False)
-    assert w8a16.select_backend(x) is Backend.cpu
-    monkeypatch.setenv(w8a16.BACKEND_ENV, "reference")
-    assert w8a16.select_backend(x) is Backend.reference
     q, s = quantize_w8a16(torch.randn(1, 8, 3))
-    assert torch.equal(pertoken_linear_w8a16(x, q, s), pertoken_linear_w8a16_reference(x, q, s))
-    monkeypatch.setenv(w8a16.BACKEND_ENV, "cuda")
-    with pytest.raises(ValueError, match="RECMIX_W8A16_BACKEND='cuda'"):
-        w8a16.select_backend(x)
+    y = pertoken_linear_w8a16(x, q, s, backend=backend)
+    assert ref_calls + cpu_calls == [expected]
+    assert rel_err(y, pertoken_linear_w8a16_reference(x, q, s)) < 1e-2
+
+
+def test_quantized_layer_keeps_its_configured_backend(monkeypatch):
+    """The backend is fixed when the layer is built (no environment read per call) and reaches the dispatcher."""
+    from recmix.models.quantize import W8A16PerTokenLinear
+
+    w = torch.randn(2, 16, 8)
+    x = torch.randn(3, 2, 16)
+    for backend, expected in ((KernelBackend.reference, "pertoken_linear_w8a16_reference"), (KernelBackend.cpu, "pertoken_linear_w8a16_cpu")):
+        monkeypatch.undo()
+        ref_calls = _spy(monkeypatch, "pertoken_linear_w8a16_reference")
+        cpu_calls = _spy(monkeypatch, "pertoken_linear_w8a16_cpu")
+        layer = W8A16PerTokenLinear.from_float(w, None, Granularity.per_channel, backend)
+        layer(x)
+        layer.forward_banks(x[:, :1], 0, 1)
+        assert ref_calls + cpu_calls == [expected, expected], backend
 
 
 def test_bench_candidates_compute_the_same_matmul():

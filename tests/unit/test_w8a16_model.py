@@ -9,12 +9,11 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from recmix.kernels.w8a16 import INT8PACK_MAX_ROWS, Granularity
+from recmix.kernels.w8a16_cpu import INT8PACK_MAX_ROWS
 from recmix.models.build import build_model
 from recmix.models.moe import TokenRouter
 from recmix.models.token_layers import PerTokenLinear
 from recmix.models.quantize import (
-    W8A16Config,
     W8A16Linear,
     W8A16PerTokenLinear,
     export_quantized,
@@ -24,6 +23,7 @@ from recmix.models.quantize import (
 from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.model import ModelConfig
+from recmix.platform.specs.w8a16 import Granularity, W8A16Config
 
 CFG = TypeAdapter(ModelConfig)
 

@@ -18,8 +18,9 @@ triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 
 import recmix.kernels.w8a16_triton as w8a16_triton  # noqa: E402
-from recmix.kernels import w8a16  # noqa: E402
-from recmix.kernels.w8a16 import Granularity, pertoken_linear_w8a16, pertoken_linear_w8a16_reference, quantize_w8a16  # noqa: E402
+from recmix.kernels.w8a16 import pertoken_linear_w8a16  # noqa: E402
+from recmix.kernels.w8a16_reference import GROUP_SIZE, pertoken_linear_w8a16_reference, quantize_w8a16  # noqa: E402
+from recmix.platform.specs.w8a16 import Granularity, KernelBackend  # noqa: E402
 
 # Another test module may have imported the kernel module without the flag: decorate it again.
 if type(w8a16_triton._w8a16_pertoken_kernel).__name__ != "InterpretedFunction":
@@ -36,7 +37,7 @@ def check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert err <= tol, f"max abs err {err:.3g} > tol {tol:.3g}"
 
 
-def case(B, T, I, O, granularity, dtype, bias, group_size=w8a16.GROUP_SIZE, seed=0):
+def case(B, T, I, O, granularity, dtype, bias, group_size=GROUP_SIZE, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(T, I, O, generator=g) * torch.logspace(-2, 0, O)
     q, s = quantize_w8a16(w, granularity, group_size)
@@ -94,11 +95,16 @@ def test_fp32_activations_run_as_bf16_and_come_back_fp32():
     check(y.to(torch.bfloat16), pertoken_linear_w8a16_reference(x.to(torch.bfloat16), q, s, b), torch.bfloat16)
 
 
+def skip_scales_kernel(x, q, s, b, **kw):
+    """A deliberately wrong kernel: the real one fed unit scales, i.e. a kernel that never applies s."""
+    return w8a16_triton.pertoken_linear_w8a16_triton(x, q, torch.ones_like(s), b, **kw)
+
+
 @pytest.mark.parametrize("granularity", list(Granularity))
 def test_checker_rejects_a_kernel_that_skips_the_scales(granularity):
     x, q, s, b = case(3, 2, 45, 33, granularity, torch.float16, bias=False, group_size=16)
     ref = pertoken_linear_w8a16_reference(x, q, s, b, group_size=16)
-    wrong = w8a16_triton.pertoken_linear_w8a16_triton(x, q, s, b, group_size=16, blocks=SMALL, _skip_scales=True)
+    wrong = skip_scales_kernel(x, q, s, b, group_size=16, blocks=SMALL)
     with pytest.raises(AssertionError, match="max abs err"):
         check(wrong, ref, torch.float16)
 
@@ -112,9 +118,13 @@ def test_checker_rejects_a_transposed_weight():
 
 
 def test_dispatcher_override_reaches_the_kernel(monkeypatch):
-    monkeypatch.setenv(w8a16.BACKEND_ENV, "triton")
+    """backend=triton on CPU tensors must launch the (interpreted) kernel: spied on, so ignoring it fails."""
+    calls = []
+    real = w8a16_triton.pertoken_linear_w8a16_triton
+    monkeypatch.setattr(w8a16_triton, "pertoken_linear_w8a16_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, q, s, b = case(4, 2, 33, 19, Granularity.per_channel, torch.float16, bias=True)
-    check(pertoken_linear_w8a16(x, q, s, b), pertoken_linear_w8a16_reference(x, q, s, b), torch.float16)
+    check(pertoken_linear_w8a16(x, q, s, b, backend=KernelBackend.triton), pertoken_linear_w8a16_reference(x, q, s, b), torch.float16)
+    assert calls == [1]
 
 
 def test_launcher_rejects_bad_blocks():
