@@ -23,15 +23,24 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exist
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ML100K = SHARED / "data" / "ml-100k"
+# Only tests may know where the shared copy lives; code, docs and examples read RECMIX_ML100K.
+SHARED_ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 
 
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:
-    if not (ML100K / "u.data").is_file():
-        pytest.skip(f"MovieLens-100K not found at {ML100K}")
-    return ML100K
+    """The MovieLens-100K folder: RECMIX_ML100K if set, else the shared copy; RECMIX_ML100K is set to it
+    for the session (examples and benches read it from there)."""
+    path = Path(os.environ.get("RECMIX_ML100K") or SHARED_ML100K)
+    if not (path / "u.data").is_file():
+        pytest.skip(f"MovieLens-100K not found at {path} (set RECMIX_ML100K)")
+    saved = os.environ.get("RECMIX_ML100K")
+    os.environ["RECMIX_ML100K"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("RECMIX_ML100K", None)
+    else:
+        os.environ["RECMIX_ML100K"] = saved
 
 
 @pytest.fixture(scope="module")

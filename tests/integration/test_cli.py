@@ -36,13 +36,22 @@ def test_run_ml100k_example(env, capsys):
     assert ds.version == summary["version"] and ds.read_split("test").num_rows == 10_000
 
 
-def test_example_default_data_path_is_the_shared_copy(monkeypatch, ml100k_dir):
-    """Without RECMIX_ML100K the example reads ../shared/data/ml-100k relative to the repository root."""
+def test_examples_read_ml100k_from_RECMIX_ML100K_only(monkeypatch, tmp_path, capsys):
+    """The examples take the data folder from ${RECMIX_ML100K} (no default); unset or wrong, the error names it."""
     monkeypatch.chdir(REPO)
-    monkeypatch.delenv("RECMIX_ML100K", raising=False)
+    monkeypatch.setenv("RECMIX_ARTIFACTS", str(tmp_path / "artifacts"))
+    for ex in EXAMPLES:
+        assert "../shared" not in ex.read_text(), ex.name
     path = yaml.safe_load((REPO / "examples/prepare-ml100k.yaml").read_text())["source"]["path"]
-    assert path == "${RECMIX_ML100K:-../shared/data/ml-100k}"
-    assert (REPO / "../shared/data/ml-100k").resolve() == ml100k_dir.resolve()
+    assert path == "${RECMIX_ML100K}"
+    monkeypatch.delenv("RECMIX_ML100K", raising=False)
+    assert main(["run", "examples/prepare-ml100k.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RECMIX_ML100K" in err, err
+    monkeypatch.setenv("RECMIX_ML100K", str(tmp_path / "empty"))
+    assert main(["run", "examples/prepare-ml100k.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RECMIX_ML100K" in err and "u.data" in err, err
 
 
 def test_run_ml100k_to_s3(env, tmp_path, s3_server, s3_bucket, capsys):

@@ -188,3 +188,11 @@ def test_open_dataset_errors(tmp_path):
         open_dataset(str(tmp_path))
     with pytest.raises(RecmixError, match="unsupported URI scheme 'gs://'"):
         open_dataset("gs://bucket/x")
+
+
+def test_missing_files_name_RECMIX_ML100K(tmp_path):
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text("1\t1\t5\t881250949\n")
+    with pytest.raises(RecmixError, match=r"no MovieLens-100K at .*ml \(missing u.user, u.item, u.genre, u.occupation\); "
+                                          r"set RECMIX_ML100K"):
+        run(spec(tmp_path / "ml", tmp_path / "o"), ClusterConfig())

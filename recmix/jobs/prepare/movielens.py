@@ -1,4 +1,7 @@
-"""MovieLens-100K -> prepared dataset, on the evaluation contract (/work/shared/spec/evaluation.md).
+"""MovieLens-100K -> prepared dataset, on the evaluation contract (docs/data.md).
+
+The raw files are found through `source.path`; the examples set it from the RECMIX_ML100K environment
+variable (the one documented way to point recmix at a MovieLens-100K copy).
 
 Rows are sorted by (timestamp, user id, item id) and split by position; the history of a row is the
 user's last `history_len` items (and ratings) with a timestamp strictly earlier than the row's, from any
@@ -29,6 +32,10 @@ N_USERS, N_ITEMS = 943, 1682
 def read_files(src: MovieLensSource, store: StorageConfig) -> dict[str, bytes]:
     """Read the five input files and verify them against SHA256SUMS per `checksums`."""
     fs, root = storage.resolve(src.path, store)
+    missing = [n for n in FILES if fs.get_file_info(storage.join(root, n)).type.name != "File"]
+    if missing:
+        raise RecmixError(f"source.path: no MovieLens-100K at {src.path} (missing {', '.join(missing)}); "
+                          "set RECMIX_ML100K to the folder with u.data, u.user, u.item, u.genre, u.occupation")
     blobs = {name: storage.read_bytes(fs, storage.join(root, name)) for name in FILES}
     if src.checksums is ChecksumPolicy.off:
         return blobs

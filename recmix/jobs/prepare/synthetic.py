@@ -161,10 +161,6 @@ def chunk_ranges(n_rows: int, chunk_rows: int) -> list[tuple[int, int, int]]:
     return [(c, lo, min(lo + chunk_rows, n_rows)) for c, lo in enumerate(range(0, n_rows, chunk_rows))]
 
 
-def default_parallelism() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
 def write_chunk(src: SyntheticSource, t: Tables, schema: FeatureSchema, uri: str, store, version: str,
                 chunk: int, lo: int, hi: int, bounds: dict) -> list[tuple]:
     """Generate one chunk, check it against the schema, write one file per split it overlaps."""

@@ -182,9 +182,6 @@ class StorageConfig(StrictModel):
     region: Annotated[str, Field(min_length=1, max_length=64)] = "us-east-1"
 
 
-URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
-
-
 def check_uri(value: str) -> str:
     """Local path, file:// or s3://bucket/prefix; other schemes are rejected by name."""
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", value)
@@ -198,12 +195,6 @@ def check_uri(value: str) -> str:
 
 
 Uri = Annotated[str, Field(min_length=1, max_length=1024)]
-
-
-class SplitName(str, Enum):
-    train = "train"
-    valid = "valid"
-    test = "test"
 
 
 class DatasetConfig(StrictModel):
