@@ -43,7 +43,7 @@ class RankingModel(nn.Module):
         self.schema = schema
         self.label_names = [f.name for f in schema.labels]
         lookup = lookup if lookup is not None else LocalEmbeddingLookup(tables_from_schema(schema), emb_cfg.init_std)
-        self.encoder = FeatureEncoder(schema, lookup, emb_cfg.seq_pooling.value)
+        self.encoder = FeatureEncoder(schema, lookup, emb_cfg.seq_pooling)
 
     def loss(self, out: ModelOutput, labels_BK: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """BCE summed over tasks, + aux-tower BCE * aux_weight (deep supervision), + routing terms."""

@@ -7,14 +7,6 @@ from .base import RankingModel
 
 def build_model(cfg, schema, lookup=None) -> RankingModel:
     arch = cfg.arch
-    if getattr(cfg, "ugsep", None) is not None:
-        if arch == "tokenmixer_large":
-            from .ugsep import UGSepTokenMixerLarge
-
-            return UGSepTokenMixerLarge(cfg, cfg.ugsep, schema, lookup)
-        from .ugsep_rankmixer import UGSepRankMixer
-
-        return UGSepRankMixer(cfg, cfg.ugsep, schema, lookup)
     if arch == "tokenmixer_large":
         from .tokenmixer_large import TokenMixerLarge
 

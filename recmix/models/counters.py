@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from recmix.platform.specs.data import FeatureType, GroupSide
+from recmix.platform.specs.model import (DTSICoupling, GlobalToken, MoEPositions, Norm, ResidualMode, SharedExpert,
+                                         Tokenizer)
+from recmix.platform.specs.ugsep import GlobalTokenSide, ICMode, ICProj
+
 
 @dataclass
 class Counts:
@@ -31,8 +36,8 @@ class Counts:
         return asdict(self)
 
 
-def _norm(kind: str, width: int) -> int:
-    return width if kind == "rmsnorm" else 2 * width
+def _norm(kind: Norm, width: int) -> int:
+    return width if kind is Norm.rmsnorm else 2 * width
 
 
 def _swiglu(banks: int, width: int, hidden: int) -> Counts:
@@ -42,7 +47,7 @@ def _swiglu(banks: int, width: int, hidden: int) -> Counts:
 
 def _sp_moe(banks: int, width: int, hidden: int, moe) -> Counts:
     ew = hidden // moe.n_experts
-    shared_w = {"narrow": ew, "full": hidden, "none": 0}[moe.shared_expert.value]
+    shared_w = {SharedExpert.narrow: ew, SharedExpert.full: hidden, SharedExpert.none: 0}[moe.shared_expert]
     router = banks * width * moe.n_routed
     routed_all = banks * moe.n_routed * 3 * width * ew
     routed_active = banks * moe.n_routed_active * 3 * width * ew
@@ -54,21 +59,19 @@ def _sp_moe(banks: int, width: int, hidden: int, moe) -> Counts:
 def tokenmixer_block(cfg, n_tokens: int) -> Counts:
     T, D = n_tokens, cfg.d_model
     H = cfg.resolved_heads(T)
-    M = T * D // H
+    M = cfg.mixed_width(T)
     n = cfg.ffn_mult
     h1, h2 = int(round(n * M)), int(round(n * D))
-    moe = cfg.moe
-    pos = moe.positions.value if moe is not None else None
-    f1 = _sp_moe(H, M, h1, moe) if pos in ("both", "mixed") else _swiglu(H, M, h1)
-    f2 = _sp_moe(T, D, h2, moe) if pos in ("both", "token") else _swiglu(T, D, h2)
-    norms = _norm(cfg.norm.value, M if cfg.residual_mode.value == "A" else D) + _norm(cfg.norm.value, D)
+    f1 = _sp_moe(H, M, h1, cfg.moe) if cfg.moe_at(MoEPositions.mixed) else _swiglu(H, M, h1)
+    f2 = _sp_moe(T, D, h2, cfg.moe) if cfg.moe_at(MoEPositions.token) else _swiglu(T, D, h2)
+    norms = _norm(cfg.norm, M if cfg.residual_mode is ResidualMode.A else D) + _norm(cfg.norm, D)
     return f1 + f2 + Counts(norms, norms, 0)
 
 
 def rankmixer_block(cfg, n_tokens: int) -> Counts:
     T, D = n_tokens, cfg.d_model
     kD = cfg.hidden()
-    norms = 2 * _norm(cfg.norm.value, D)
+    norms = 2 * _norm(cfg.norm, D)
     bias = cfg.ffn_bias
     if cfg.moe is None:
         mm = T * 2 * D * kD
@@ -79,7 +82,7 @@ def rankmixer_block(cfg, n_tokens: int) -> Counts:
     eh = kD if moe.expert_hidden == "full" else kD // E
     per_expert_mm = 2 * D * eh
     per_expert = per_expert_mm + ((eh + D) if bias else 0)
-    routers = T * (D + 1) * E * (1 if moe.dtsi.value == "off" else 2)
+    routers = T * (D + 1) * E * (1 if moe.dtsi is DTSICoupling.off else 2)
     infer_router = T * D * E
     # Active experts at inference: the target ratio (capped by max_active_infer) of each token's E experts.
     active_e = E * moe.target_active_ratio
@@ -109,32 +112,33 @@ def _heads(d: int, n_tasks: int, hidden) -> Counts:
 
 
 def feature_widths(schema) -> dict[str, int]:
-    return {f.name: (int(f.embedding_dim) if f.type.value != "dense" else f.dim) for f in schema.inputs}
+    return {f.name: (int(f.embedding_dim) if f.type is not FeatureType.dense else f.dim) for f in schema.inputs}
+
+
+def _has_global(cfg) -> bool:
+    return getattr(cfg, "global_token", None) is GlobalToken.mlp
 
 
 def n_tokens_for(cfg, schema) -> int:
-    if cfg.tokenizer.value == "group_mlp":
-        glob = getattr(cfg, "global_token", None)
-        return len(schema.groups) + int(glob is not None and glob.value == "mlp")
+    if cfg.tokenizer is Tokenizer.group_mlp:
+        return len(schema.groups) + int(_has_global(cfg))
     return cfg.n_tokens
 
 
 def tokenizer(cfg, schema) -> Counts:
     w = feature_widths(schema)
     D, total = cfg.d_model, sum(w.values())
-    kind = cfg.tokenizer.value
-    if kind == "group_mlp":
+    if cfg.tokenizer is Tokenizer.group_mlp:
         c = Counts(0, 0, 0)
         for g in schema.groups:
             c = c + _mlp(sum(w[f.name] for f in schema.group_features(g.name)), D, D)
-        glob = getattr(cfg, "global_token", None)
-        if glob is not None and glob.value == "mlp":
+        if _has_global(cfg):
             c = c + _mlp(total, D, D)
         return c
     T = cfg.n_tokens
     d = cfg.chunk_dim or -(-total // T)
     one = _linear(d, D)
-    if kind == "chunk_shared":
+    if cfg.tokenizer is Tokenizer.chunk_shared:
         # the shared Linear's weights are stored once but applied T times
         return Counts(one.params, one.params, one.flops * T)
     return one.scaled(T)
@@ -143,9 +147,43 @@ def tokenizer(cfg, schema) -> Counts:
 def embeddings(schema) -> int:
     seen: dict[str, int] = {}
     for f in schema.inputs:
-        if f.type.value != "dense":
+        if f.type is not FeatureType.dense:
             seen[f.table_name] = f.n_ids * int(f.embedding_dim)
     return sum(seen.values())
+
+
+def ugsep_counts(cfg, schema) -> tuple[Counts, Counts]:
+    """(tokenizer, IC) Counts of a model with `ugsep`: each side's features chunked into its tokens by a
+    per-token Linear with bias (one token replaced by the global MLP on its side), one IC module per block."""
+    ug, T, D = cfg.ugsep, cfg.n_tokens, cfg.d_model
+    H = cfg.resolved_heads(T)
+    Tu = ug.n_user_tokens(T)
+    Cu, S = H * Tu // T, D // H
+    w = feature_widths(schema)
+    user_groups = {g.name for g in schema.groups if g.side is GroupSide.user} if Tu else set()
+    wu = sum(w[f.name] for f in schema.inputs if f.group in user_groups)
+    wg = sum(w[f.name] for f in schema.inputs if f.group not in user_groups)
+    glob, user_side = _has_global(cfg), ug.global_token_side is GlobalTokenSide.user
+
+    def side_counts(width: int, n_tok: int, has_global: bool, global_in: int) -> Counts:
+        c = _mlp(global_in, D, D) if has_global else Counts(0, 0, 0)
+        n_chunk = n_tok - int(has_global)
+        if n_chunk:
+            c = c + _linear(-(-width // n_chunk), D).scaled(n_chunk)
+        return c
+
+    tok = Counts(0, 0, 0)
+    if Tu:
+        tok = tok + side_counts(wu, Tu, glob and user_side, wu)
+    tok = tok + side_counts(wg, T - Tu, glob and (not user_side or not Tu), wu + wg)
+    ic = Counts(0, 0, 0)
+    if ug.ic_mode is not ICMode.none and Cu:
+        G, M = H - Cu, T * S
+        Z = (T - Tu) * S if ug.ic_mode is ICMode.masked_off else M
+        per = {ICProj.per_head: Cu * Z * M, ICProj.dense: Cu * Z * G * M,
+               ICProj.low_rank: Cu * Z * ug.ic_rank + ug.ic_rank * G * M}[ug.ic_proj]
+        ic = Counts(per, per, 2 * per).scaled(cfg.n_layers)
+    return tok, ic
 
 
 def model(cfg, schema) -> dict:
@@ -161,9 +199,7 @@ def model(cfg, schema) -> dict:
         T = n_tokens_for(cfg, schema)
         tok, body = tokenizer(cfg, schema), backbone(cfg, T)
         if getattr(cfg, "ugsep", None) is not None:
-            from .ugsep_counters import config_counts
-
-            tok, ic = config_counts(cfg, schema)
+            tok, ic = ugsep_counts(cfg, schema)
             body = body + ic
         heads = _heads(cfg.d_model, K, cfg.head_hidden)
         if cfg.arch == "tokenmixer_large":

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recmix.platform.specs.data import FeatureType
+from recmix.platform.specs.model import SeqPooling
+
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -101,23 +104,20 @@ class FeatureEncoder(nn.Module):
     of the rows of the valid ids (only valid ids reach `lookup`); dense (B,) or (B, dim) -> as is.
     """
 
-    def __init__(self, schema, lookup: EmbeddingLookup, seq_pooling: str = "mean"):
+    def __init__(self, schema, lookup: EmbeddingLookup, seq_pooling: SeqPooling = SeqPooling.mean):
         super().__init__()
-        if seq_pooling not in ("mean", "sum"):
-            raise ValueError(f"unknown seq_pooling '{seq_pooling}' (known: mean, sum)")
         self.features = list(schema.inputs)
         self.lookup = lookup
         self.seq_pooling = seq_pooling
-        self.widths = {f.name: int(f.embedding_dim) if f.type.value != "dense" else f.dim for f in self.features}
+        self.widths = {f.name: int(f.embedding_dim) if f.type is not FeatureType.dense else f.dim for f in self.features}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for f in self.features:
             x = batch[f.name]
-            kind = f.type.value
-            if kind == "dense":
+            if f.type is FeatureType.dense:
                 out[f.name] = x.to(torch.float32).reshape(x.shape[0], f.dim)
-            elif kind == "categorical":
+            elif f.type is FeatureType.categorical:
                 out[f.name] = self.lookup.lookup(f.table_name, x)
             else:
                 mask_BL = x >= 0
@@ -125,7 +125,7 @@ class FeatureEncoder(nn.Module):
                 full_BLE = rows_NE.new_zeros((*x.shape, rows_NE.shape[-1]))
                 full_BLE = full_BLE.index_put((mask_BL,), rows_NE)
                 pooled_BE = full_BLE.sum(1)
-                if self.seq_pooling == "mean":
+                if self.seq_pooling is SeqPooling.mean:
                     pooled_BE = pooled_BE / mask_BL.sum(1, keepdim=True).clamp(min=1).to(pooled_BE.dtype)
                 out[f.name] = pooled_BE
         return out

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recmix.platform.specs.model import BalanceLoss, InitDist, MoECompute, SharedExpert
+
 from .token_layers import PerTokenSwiGLU
 
 
@@ -73,25 +75,27 @@ class TokenRouter(nn.Module):
 
 
 class SparsePertokenMoE(nn.Module):
-    """Each position p owns E experts of width F = hidden/E (one of them shared, always on)."""
+    """Each position p owns E experts of width F = hidden/E (one of them shared, always on).
 
-    def __init__(self, n_pos: int, width: int, hidden: int, cfg, init_dist: str = "xavier_uniform", down_scale: float = 0.01):
+    `forward` returns (y, balance loss or None): the loss travels with the output, never in module state.
+    """
+
+    def __init__(self, n_pos: int, width: int, hidden: int, cfg, init_dist: InitDist = InitDist.xavier_uniform,
+                 down_scale: float = 0.01):
         super().__init__()
         E = cfg.n_experts
-        if hidden % E:
-            raise ValueError(f"moe.n_experts ({E}) must divide the pSwiGLU hidden width ({hidden})")
+        assert hidden % E == 0, (hidden, E)   # the model config validated the expert widths
         self.n_pos, self.width, self.expert_hidden = n_pos, width, hidden // E
         self.n_routed, self.k_routed = cfg.n_routed, cfg.n_routed_active
         self.alpha = float(cfg.gate_alpha)
-        self.compute = cfg.compute.value
-        self.balance = cfg.balance_loss.value
+        self.compute = cfg.compute
+        self.balance = cfg.balance_loss
         self.balance_weight = float(cfg.balance_weight)
         self.router = TokenRouter(n_pos, width, self.n_routed)
         self.experts = PerTokenSwiGLU(n_pos * self.n_routed, width, self.expert_hidden, False, init_dist, down_scale, fan_hidden=hidden)
-        shared_w = {"narrow": self.expert_hidden, "full": hidden, "none": 0}[cfg.shared_expert.value]
+        shared_w = {SharedExpert.narrow: self.expert_hidden, SharedExpert.full: hidden, SharedExpert.none: 0}[cfg.shared_expert]
         self.shared = PerTokenSwiGLU(n_pos, width, shared_w, False, init_dist, down_scale, fan_hidden=hidden) if shared_w else None
-        self.last_usage_PE: torch.Tensor | None = None   # fraction of rows routed to each (position, expert)
-        self.last_balance_loss: torch.Tensor | None = None
+        self.last_usage_PE: torch.Tensor | None = None   # metrics only: rows routed to each (position, expert)
 
     def route(self, x_BPW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs_BPE, top gates_BPK renormalised, top expert ids_BPK)."""
@@ -99,19 +103,18 @@ class SparsePertokenMoE(nn.Module):
         top_BPK, idx_BPK = probs_BPE.topk(self.k_routed, dim=-1)
         return probs_BPE, top_BPK / top_BPK.sum(-1, keepdim=True), idx_BPK
 
-    def forward(self, x_BPW: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BPW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, P, W = x_BPW.shape
         Er, K = self.n_routed, self.k_routed
         probs_BPE, gate_BPK, idx_BPK = self.route(x_BPW)
         onehot_BPE = torch.zeros_like(probs_BPE).scatter_(-1, idx_BPK, 1.0)
         usage_PE = onehot_BPE.mean(0) / K
         self.last_usage_PE = usage_PE.detach()
-        if self.balance == "switch":
+        balance = None
+        if self.balance is BalanceLoss.switch:
             # Switch-Transformer balance per position: E_r * sum_e f_pe * mean prob_pe, averaged over P.
-            self.last_balance_loss = self.balance_weight * Er * (usage_PE * probs_BPE.mean(0)).sum(-1).mean()
-        else:
-            self.last_balance_loss = None
-        if self.compute == "grouped":
+            balance = self.balance_weight * Er * (usage_PE * probs_BPE.mean(0)).sum(-1).mean()
+        if self.compute is MoECompute.grouped:
             pos_BPK = torch.arange(P, device=x_BPW.device).view(1, P, 1).expand(B, P, K)
             row_BPK = torch.arange(B, device=x_BPW.device).view(B, 1, 1).expand(B, P, K)
             bank_BPK = pos_BPK * Er + idx_BPK
@@ -125,4 +128,4 @@ class SparsePertokenMoE(nn.Module):
         y_BPW = self.alpha * routed_BPW
         if self.shared is not None:
             y_BPW = y_BPW + self.shared(x_BPW)
-        return y_BPW
+        return y_BPW, balance

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recmix.platform.specs.model import DTSICoupling, LambdaRule
+
 from .moe import TokenRouter, grouped_experts
 from .token_layers import PerTokenFFN
 
@@ -32,20 +34,19 @@ class ReLURoutedMoE(nn.Module):
         self.experts = PerTokenFFN(n_tokens * E, d, eh, bias)
         # ReLU routers need a bias: without one, ReLU(Wx) is active on half of any symmetric input, whatever L1 does.
         self.h_train = TokenRouter(n_tokens, d, E, bias=True)
-        self.h_infer = TokenRouter(n_tokens, d, E, bias=True) if cfg.dtsi.value != "off" else None
-        self.coupling, self.beta = cfg.dtsi.value, cfg.beta
+        self.h_infer = TokenRouter(n_tokens, d, E, bias=True) if cfg.dtsi is not DTSICoupling.off else None
+        self.coupling, self.beta = cfg.dtsi, cfg.beta
         self.target_sparsity = 1.0 - cfg.target_active_ratio
-        self.rule, self.step = cfg.lambda_rule.value, cfg.lambda_step
+        self.rule, self.step = cfg.lambda_rule, cfg.lambda_step
         self.max_active = cfg.max_active_infer
         self.register_buffer("lam", torch.tensor(float(cfg.lambda_init)))
-        self.last_active_ratio: float | None = None
-        self.last_reg: torch.Tensor | None = None
+        self.last_active_ratio: float | None = None   # metrics only
 
     def _infer_gates(self, s_BTD: torch.Tensor) -> torch.Tensor:
         return F.relu((self.h_infer or self.h_train)(s_BTD))
 
-    def forward(self, s_BTD: torch.Tensor) -> torch.Tensor:
-        B, T, D = s_BTD.shape
+    def forward(self, s_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, routing regulariser): the regulariser exists in training only."""
         if self.training:
             return self._dense_train(s_BTD)
         g_BTE = self._infer_gates(s_BTD)
@@ -54,26 +55,25 @@ class ReLURoutedMoE(nn.Module):
             g_BTE = torch.where(g_BTE >= kth_BT1, g_BTE, torch.zeros_like(g_BTE))
         self.last_active_ratio = float((g_BTE > 0).float().mean())
         b, t, e = torch.nonzero(g_BTE > 0, as_tuple=True)
-        return grouped_experts(s_BTD, t * self.E + e, b, t, g_BTE[b, t, e], self.experts)
+        return grouped_experts(s_BTD, t * self.E + e, b, t, g_BTE[b, t, e], self.experts), None
 
-    def _dense_train(self, s_BTD: torch.Tensor) -> torch.Tensor:
+    def _dense_train(self, s_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = s_BTD.shape
         g_train = F.relu(self.h_train(s_BTD))
         g_infer = self._infer_gates(s_BTD)
-        if self.coupling == "mixed_forward":
+        if self.coupling is DTSICoupling.mixed_forward:
             g_BTE = (1 - self.beta) * g_train + self.beta * g_infer
         else:
             g_BTE = g_train
         reg = float(self.lam) * g_infer.sum((1, 2)).mean()
-        if self.coupling == "distill":
+        if self.coupling is DTSICoupling.distill:
             reg = reg + F.mse_loss(g_infer, g_train.detach())
-        self.last_reg = reg
         with torch.no_grad():
             ratio = float((g_infer > 0).float().mean())
             self.last_active_ratio = ratio
-            if self.rule == "remoe":
+            if self.rule is LambdaRule.remoe:
                 sign = (self.target_sparsity > 1.0 - ratio) - (self.target_sparsity < 1.0 - ratio)
                 self.lam.mul_(self.step ** sign)
         xrep_BGD = s_BTD.unsqueeze(2).expand(B, T, self.E, D).reshape(B, T * self.E, D)
         out_BTED = self.experts(xrep_BGD).reshape(B, T, self.E, D)
-        return (out_BTED * g_BTE.unsqueeze(-1)).sum(2)
+        return (out_BTED * g_BTE.unsqueeze(-1)).sum(2), reg

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recmix.kernels import pertoken_dispatch as kernels
+from recmix.platform.specs.model import InitDist, Norm
 
 
 class PerTokenLinear(nn.Module):
@@ -27,18 +28,17 @@ class PerTokenLinear(nn.Module):
         self.n_banks, self.d_in, self.d_out = n_banks, d_in, d_out
         self.weight = nn.Parameter(torch.empty(n_banks, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(n_banks, d_out)) if bias else None
-        self.reset_parameters("xavier_uniform", 1.0)
+        self.reset_parameters(InitDist.xavier_uniform, 1.0)
 
-    def reset_parameters(self, dist: str, scale: float) -> None:
+    def reset_parameters(self, dist: InitDist, scale: float) -> None:
         """Xavier per bank (fan_in = I, fan_out = O), multiplied by `scale`; biases zero."""
         with torch.no_grad():
-            if dist == "xavier_uniform":
+            if dist is InitDist.xavier_uniform:
                 bound = math.sqrt(6.0 / (self.d_in + self.d_out))
                 self.weight.uniform_(-bound, bound)
-            elif dist == "xavier_normal":
-                self.weight.normal_(0.0, math.sqrt(2.0 / (self.d_in + self.d_out)))
             else:
-                raise ValueError(f"unknown init_dist '{dist}' (known: xavier_uniform, xavier_normal)")
+                assert dist is InitDist.xavier_normal, dist
+                self.weight.normal_(0.0, math.sqrt(2.0 / (self.d_in + self.d_out)))
             self.weight.mul_(scale)
             if self.bias is not None:
                 self.bias.zero_()
@@ -56,7 +56,7 @@ class PerTokenSwiGLU(nn.Module):
     `w_in.weight[..., :F]` is the gate, `[..., F:]` the up projection.
     """
 
-    def __init__(self, n_banks: int, d: int, hidden: int, bias: bool = False, init_dist: str = "xavier_uniform",
+    def __init__(self, n_banks: int, d: int, hidden: int, bias: bool = False, init_dist: InitDist = InitDist.xavier_uniform,
                  down_scale: float = 0.01, fan_hidden: Optional[int] = None):
         super().__init__()
         self.hidden = hidden
@@ -91,13 +91,12 @@ class PerTokenFFN(nn.Module):
         return self.w_out(F.gelu(self.w_in(x_BTI)))
 
 
-def make_norm(kind: str, width: int) -> nn.Module:
+def make_norm(kind: Norm, width: int) -> nn.Module:
     """Per-token norm over the last dim (no batch statistics)."""
-    if kind == "rmsnorm":
+    if kind is Norm.rmsnorm:
         return nn.RMSNorm(width, eps=1e-6)
-    if kind == "layernorm":
-        return nn.LayerNorm(width)
-    raise ValueError(f"unknown norm '{kind}' (known: rmsnorm, layernorm)")
+    assert kind is Norm.layernorm, kind
+    return nn.LayerNorm(width)
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, act: Optional[nn.Module] = None) -> nn.Sequential:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recmix.platform.specs.model import GlobalToken, InitDist, Tokenizer
+
 from .token_layers import PerTokenLinear, mlp
 
 
@@ -54,7 +56,7 @@ class ChunkTokenizer(nn.Module):
         self.pad = self.chunk_dim * n_tokens - total
         self.proj = PerTokenLinear(n_tokens, self.chunk_dim, d_model, bias=True) if per_token else nn.Linear(self.chunk_dim, d_model)
         if per_token:
-            self.proj.reset_parameters("xavier_uniform", 1.0)
+            self.proj.reset_parameters(InitDist.xavier_uniform, 1.0)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         e_BS = F.pad(torch.cat([feats[n] for n in self.names], dim=-1), (0, self.pad))
@@ -64,12 +66,10 @@ class ChunkTokenizer(nn.Module):
 
 def build_tokenizer(cfg, schema, widths: dict[str, int]) -> nn.Module:
     groups = ordered_features(schema)
-    kind = cfg.tokenizer.value
-    if kind == "group_mlp":
-        glob = getattr(cfg, "global_token", None)
-        tok = GroupMLPTokenizer(groups, widths, cfg.d_model, glob is not None and glob.value == "mlp")
+    if cfg.tokenizer is Tokenizer.group_mlp:
+        tok = GroupMLPTokenizer(groups, widths, cfg.d_model, getattr(cfg, "global_token", None) is GlobalToken.mlp)
         if cfg.n_tokens is not None and cfg.n_tokens != tok.n_tokens:
             raise ValueError(f"group_mlp gives {tok.n_tokens} tokens ({len(groups)} groups"
                              f"{' + global' if tok.global_mlp is not None else ''}) but n_tokens is {cfg.n_tokens}")
         return tok
-    return ChunkTokenizer(groups, widths, cfg.d_model, cfg.n_tokens, kind == "chunk_per_token", cfg.chunk_dim)
+    return ChunkTokenizer(groups, widths, cfg.d_model, cfg.n_tokens, cfg.tokenizer is Tokenizer.chunk_per_token, cfg.chunk_dim)

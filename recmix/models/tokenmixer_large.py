@@ -1,104 +1,109 @@
 """TokenMixer-Large (spec §4): pre-norm Mix -> F1 -> Revert -> F2 blocks with per-token SwiGLU / S-P MoE.
 
-Legend: B batch, T tokens, D token width, H heads, M = T*D/H mixed-token width, K tasks.
+Legend: B batch (candidate rows), U user rows, T tokens, Tu user tokens, Tg = T - Tu candidate tokens,
+D token width, H heads, Cu = H*Tu/T user heads, S = D/H slice width, M = T*S mixed-token width.
 
 Residual modes (pre-norm, N = RMSNorm):
   B (default): X' = X + Revert(F1(Mix(N(X))));   X_next = X' + F2(N(X'))
   A:           X' = Revert(Mix(X) + F1(N(Mix(X))));  X_next = X + F2(N(X'))
   C:           X_next = X + F2(N(Revert(F1(N(Mix(X))))))
-F1 has H weight banks of width M (mixed space), F2 has T banks of width D. No biases. Inter-layer residual:
-after block l, if gap g > 0, l % g == 0 and l < L: X_l += X_{l-g} (X_0 = tokenizer output).
+F1 has H weight banks of width M (mixed space), F2 has T banks of width D. No biases. The inter-layer
+residual, aux towers and read-out are the shared stack of `token_model`.
+
+UG-Sep (mode B, spec §5.3): user heads h < Cu read user tokens only (the candidate slices of their mixed
+token are zero), and a user token t < Tu keeps only the user heads' slices of the Revert update. So the
+user path runs on U rows with F1 banks [0, Cu) and F2 banks [0, Tu), and the candidate path on B rows
+with banks [Cu, H) and [Tu, T), reading the user path's per-layer norms and F1 outputs.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelOutput, RankingModel, TaskHeads
+from recmix.platform.specs.model import MoEPositions, ResidualMode
+
 from .mixing import mix, revert
 from .moe import SparsePertokenMoE
 from .token_layers import PerTokenSwiGLU, make_norm
-from .tokenizers import build_tokenizer
+from .token_model import TokenModel
+from .ugsep_ops import swiglu_banks
 
 
-def _hidden(mult: float, width: int, what: str) -> int:
-    h = mult * width
-    if abs(h - round(h)) > 1e-6:
-        raise ValueError(f"ffn_mult ({mult}) * {what} width ({width}) must be an integer")
-    return int(round(h))
+def _ffn(layer: nn.Module, x: torch.Tensor, losses: list[torch.Tensor] | None) -> torch.Tensor:
+    """A pSwiGLU or S-P MoE output; the MoE's balance loss is appended to `losses`."""
+    if not isinstance(layer, SparsePertokenMoE):
+        return layer(x)
+    y, loss = layer(x)
+    if loss is not None and losses is not None:
+        losses.append(loss)
+    return y
 
 
 class TokenMixerLargeBlock(nn.Module):
-    def __init__(self, cfg, n_tokens: int, n_heads: int):
+    def __init__(self, cfg, n_tokens: int, n_heads: int, n_user_tokens: int = 0):
         super().__init__()
         D = cfg.d_model
-        self.T, self.H, self.mode = n_tokens, n_heads, cfg.residual_mode.value
+        self.T, self.H, self.D, self.mode = n_tokens, n_heads, D, cfg.residual_mode
+        self.Tu, self.Cu, self.S = n_user_tokens, n_heads * n_user_tokens // n_tokens, D // n_heads
+        assert D % n_heads == 0 and (n_heads * n_user_tokens) % n_tokens == 0, (D, n_tokens, n_heads, n_user_tokens)
+        assert not n_user_tokens or self.mode is ResidualMode.B, self.mode
         M = n_tokens * D // n_heads
-        self.norm1 = make_norm(cfg.norm.value, M if self.mode == "A" else D)
-        self.norm2 = make_norm(cfg.norm.value, D)
-        init, scale = cfg.init_dist.value, cfg.down_init_std_scale
-        moe = cfg.moe
-        use_mixed = moe is not None and moe.positions.value in ("both", "mixed")
-        use_token = moe is not None and moe.positions.value in ("both", "token")
-        h1, h2 = _hidden(cfg.ffn_mult, M, "mixed-token"), _hidden(cfg.ffn_mult, D, "token")
-        self.f1 = SparsePertokenMoE(n_heads, M, h1, moe, init, scale) if use_mixed else PerTokenSwiGLU(n_heads, M, h1, False, init, scale)
-        self.f2 = SparsePertokenMoE(n_tokens, D, h2, moe, init, scale) if use_token else PerTokenSwiGLU(n_tokens, D, h2, False, init, scale)
+        self.norm1 = make_norm(cfg.norm, M if self.mode is ResidualMode.A else D)
+        self.norm2 = make_norm(cfg.norm, D)
+        init, scale = cfg.init_dist, cfg.down_init_std_scale
+        h1, h2 = int(round(cfg.ffn_mult * M)), int(round(cfg.ffn_mult * D))
+        self.f1 = SparsePertokenMoE(n_heads, M, h1, cfg.moe, init, scale) if cfg.moe_at(MoEPositions.mixed) \
+            else PerTokenSwiGLU(n_heads, M, h1, False, init, scale)
+        self.f2 = SparsePertokenMoE(n_tokens, D, h2, cfg.moe, init, scale) if cfg.moe_at(MoEPositions.token) \
+            else PerTokenSwiGLU(n_tokens, D, h2, False, init, scale)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if self.mode == "B":
-            x_BTD = x_BTD + revert(self.f1(mix(self.norm1(x_BTD), self.H)), self.T)
-            return x_BTD + self.f2(self.norm2(x_BTD))
-        if self.mode == "A":
+    def forward(self, x_BTD: torch.Tensor, losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Full path: every token, no mask. S-P MoE balance losses are appended to `losses`."""
+        if self.mode is ResidualMode.B:
+            x_BTD = x_BTD + revert(_ffn(self.f1, mix(self.norm1(x_BTD), self.H), losses), self.T)
+            return x_BTD + _ffn(self.f2, self.norm2(x_BTD), losses)
+        if self.mode is ResidualMode.A:
             m_BHM = mix(x_BTD, self.H)
-            xr_BTD = revert(m_BHM + self.f1(self.norm1(m_BHM)), self.T)
-            return x_BTD + self.f2(self.norm2(xr_BTD))
-        return x_BTD + self.f2(self.norm2(revert(self.f1(mix(self.norm1(x_BTD), self.H)), self.T)))
+            xr_BTD = revert(m_BHM + _ffn(self.f1, self.norm1(m_BHM), losses), self.T)
+            return x_BTD + _ffn(self.f2, self.norm2(xr_BTD), losses)
+        y_BTD = revert(_ffn(self.f1, mix(self.norm1(x_BTD), self.H), losses), self.T)
+        return x_BTD + _ffn(self.f2, self.norm2(y_BTD), losses)
+
+    def user_path(self, x_UTD: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """User tokens -> next user tokens, and what the candidate path reuses: (N1(user tokens) (U, Tu, D),
+        the user heads' F1 output (U, Cu, T, S))."""
+        U, T, Tu, H, Cu, S = x_UTD.shape[0], self.T, self.Tu, self.H, self.Cu, self.S
+        n_UTD = self.norm1(x_UTD)
+        m_UCTS = F.pad(n_UTD.reshape(U, Tu, H, S)[:, :, :Cu].transpose(1, 2), (0, 0, 0, T - Tu))
+        y_UCTS = swiglu_banks(self.f1, m_UCTS.reshape(U, Cu, T * S), 0, Cu).reshape(U, Cu, T, S)
+        upd_UTD = F.pad(y_UCTS[:, :, :Tu].transpose(1, 2), (0, 0, 0, H - Cu)).reshape(U, Tu, self.D)
+        x_UTD = x_UTD + upd_UTD
+        return x_UTD + swiglu_banks(self.f2, self.norm2(x_UTD), 0, Tu), (n_UTD, y_UCTS)
+
+    def candidate_path(self, xg_BTD: torch.Tensor, user: tuple[torch.Tensor, torch.Tensor], ic: nn.Module | None) -> torch.Tensor:
+        """Candidate tokens (B, Tg, D) -> next ones; `user` is `user_path`'s cache gathered per candidate row."""
+        B, T, Tu, H, Cu, S = xg_BTD.shape[0], self.T, self.Tu, self.H, self.Cu, self.S
+        n_BuD, y_BCTS = user
+        n_BTD = torch.cat([n_BuD, self.norm1(xg_BTD)], 1)
+        m_BHM = mix(n_BTD, H)
+        mg_BGM = m_BHM[:, Cu:]
+        if ic is not None:
+            mg_BGM = mg_BGM + ic(m_BHM[:, :Cu], n_BTD[:, Tu:])
+        yg_BGTS = swiglu_banks(self.f1, mg_BGM, Cu, H).reshape(B, H - Cu, T, S)
+        y_BHTS = torch.cat([y_BCTS, yg_BGTS], 1)
+        xg_BTD = xg_BTD + y_BHTS[:, :, Tu:].transpose(1, 2).reshape(B, T - Tu, self.D)
+        return xg_BTD + swiglu_banks(self.f2, self.norm2(xg_BTD), Tu, T)
 
     def moe_layers(self) -> list[SparsePertokenMoE]:
         return [m for m in (self.f1, self.f2) if isinstance(m, SparsePertokenMoE)]
 
 
-class TokenMixerLarge(RankingModel):
+class TokenMixerLarge(TokenModel):
     def __init__(self, cfg, schema, lookup=None):
-        super().__init__(schema, cfg.embedding, lookup)
-        self.tokenizer = build_tokenizer(cfg, schema, self.encoder.widths)
-        T = self.tokenizer.n_tokens
-        H = cfg.resolved_heads(T)
-        if cfg.d_model % H:
-            raise ValueError(f"n_heads ({H}) must divide d_model ({cfg.d_model})")
-        self.n_tokens, self.n_heads = T, H
-        self.blocks = nn.ModuleList([TokenMixerLargeBlock(cfg, T, H) for _ in range(cfg.n_layers)])
-        self.gap = cfg.inter_residual_gap
-        self.aux_mode = cfg.aux_loss.mode.value
-        self.aux_weight = cfg.aux_loss.weight if self.aux_mode == "deep_supervision" else 0.0
-        K = len(self.label_names)
-        self.aux_towers = nn.ModuleDict({str(l): TaskHeads(cfg.d_model, K, cfg.head_hidden) for l in cfg.aux_layers()})
-        self.heads = TaskHeads(cfg.d_model, K, cfg.head_hidden)
-
-    def backbone(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Blocks with inter-layer residuals; returns the last output and the aux towers' logits."""
-        hist = [x_BTD]
-        aux: list[torch.Tensor] = []
-        L = len(self.blocks)
-        for l, blk in enumerate(self.blocks, start=1):
-            x_BTD = blk(x_BTD)
-            if self.gap and l % self.gap == 0 and l < L:
-                x_BTD = x_BTD + hist[l - self.gap]
-            hist.append(x_BTD)
-            if str(l) in self.aux_towers:
-                aux.append(self.aux_towers[str(l)](x_BTD.mean(1)))
-        return x_BTD, aux
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        x_BTD = self.tokenizer(self.encoder(batch))
-        x_BTD, aux = self.backbone(x_BTD)
-        logits_BK = self.heads(x_BTD.mean(1))
-        if self.aux_mode == "logit_fusion":
-            logits_BK = logits_BK + sum(aux)
-            aux = []
-        extra = [m.last_balance_loss for b in self.blocks for m in b.moe_layers() if m.last_balance_loss is not None]
-        return ModelOutput(logits_BK, aux, sum(extra) if extra else None)
+        super().__init__(cfg, schema, lookup, lambda T, H, Tu: TokenMixerLargeBlock(cfg, T, H, Tu),
+                         gap=cfg.inter_residual_gap, aux_loss=cfg.aux_loss, aux_layers=cfg.aux_layers())
 
     def extra_metrics(self) -> dict[str, float]:
         """Expert-usage imbalance of the last forward: max over (block, position) of max/mean usage."""

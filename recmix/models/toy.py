@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from recmix.platform.specs.data import FeatureSchema
+from recmix.platform.specs.data import FeatureSchema, FeatureType
 
 
 def toy_schema(emb_dim: int = 8, n_labels: int = 1) -> FeatureSchema:
@@ -32,10 +32,9 @@ def toy_batch(schema: FeatureSchema, batch: int, seed: int = 0) -> dict[str, tor
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for f in schema.inputs:
-        kind = f.type.value
-        if kind == "dense":
+        if f.type is FeatureType.dense:
             out[f.name] = torch.randn(batch, generator=g)
-        elif kind == "categorical":
+        elif f.type is FeatureType.categorical:
             hi = f.vocab_size or 10**12
             out[f.name] = torch.randint(0, hi, (batch,), generator=g)
         else:

@@ -4,19 +4,22 @@ Counts matmul FLOPs (2 per multiply-add) of the per-token layers: F1/F2 of every
 two SwiGLU banks, 6*W*F per row and bank; RankMixer: the GELU FFN, 4*D*F), Information Compensation, and
 the per-side chunk tokenizers. With rho = Cu/H = Tu/T the backbone ratio is exactly
     ugsep / baseline = (1 - rho) + rho / C + IC / baseline.
-The baseline is the same architecture with no user tokens: C rows through every bank.
+The baseline is the same architecture with no user tokens: C rows through every bank. Parameter counts
+of a UG-Sep config (no model needed) are `recmix.models.counters.ugsep_counts`.
 """
 
 from __future__ import annotations
+
+from recmix.platform.specs.ugsep import ICProj
 
 
 def _ic_flops(model) -> int:
     if model.ic is None:
         return 0
     ic = model.ic[0]
-    if ic.proj_kind == "per_head":
+    if ic.proj_kind is ICProj.per_head:
         per = 2 * model.Cu * ic.Z * ic.M
-    elif ic.proj_kind == "dense":
+    elif ic.proj_kind is ICProj.dense:
         per = 2 * model.Cu * ic.Z * ic.G * ic.M
     else:
         r = ic.proj[0].out_features
@@ -55,45 +58,3 @@ def request_flops(model, n_candidates: int) -> dict:
         "formula": (1 - rho) + rho / C + ic / base,
         "rho": rho,
     }
-
-
-def config_counts(cfg, schema):
-    """(tokenizer, IC) parameter Counts of a `model.ugsep` config, for `recmix.models.counters.model`.
-
-    Mirrors UGSepTokenMixerLarge / UGSepRankMixer: each side's features chunked into its tokens by a
-    per-token Linear with bias (one token replaced by the global MLP on its side), and one IC module per
-    block.
-    """
-    from .counters import Counts, _linear, _mlp, feature_widths
-
-    ug, T, D = cfg.ugsep, cfg.n_tokens, cfg.d_model
-    H = cfg.resolved_heads(T)
-    Tu = ug.user_tokens(T)
-    Cu, S = H * Tu // T, D // H
-    w = feature_widths(schema)
-    user_groups = {g.name for g in schema.groups if g.side.value == "user"} if Tu else set()
-    wu = sum(w[f.name] for f in schema.inputs if f.group in user_groups)
-    wg = sum(w[f.name] for f in schema.inputs if f.group not in user_groups)
-    glob = getattr(cfg, "global_token", None)
-    glob = glob is not None and glob.value == "mlp"
-    side = ug.global_token_side.value
-
-    def side_counts(width: int, n_tok: int, has_global: bool, global_in: int) -> Counts:
-        c = _mlp(global_in, D, D) if has_global else Counts(0, 0, 0)
-        n_chunk = n_tok - int(has_global)
-        if n_chunk:
-            c = c + _linear(-(-width // n_chunk), D).scaled(n_chunk)
-        return c
-
-    tok = Counts(0, 0, 0)
-    if Tu:
-        tok = tok + side_counts(wu, Tu, glob and side == "u", wu)
-    tok = tok + side_counts(wg, T - Tu, glob and (side == "g" or not Tu), wu + wg)
-    ic = Counts(0, 0, 0)
-    if ug.ic_mode.value != "none" and Cu:
-        G, M = H - Cu, T * S
-        Z = (T - Tu) * S if ug.ic_mode.value == "masked_off" else M
-        per = {"per_head": Cu * Z * M, "dense": Cu * Z * G * M,
-               "low_rank": Cu * Z * ug.ic_rank + ug.ic_rank * G * M}[ug.ic_proj.value]
-        ic = Counts(per, per, 2 * per).scaled(cfg.n_layers)
-    return tok, ic

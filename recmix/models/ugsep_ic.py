@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recmix.platform.specs.model import InitDist
+from recmix.platform.specs.ugsep import ICMode, ICProj
+
 from .token_layers import PerTokenLinear
 
 
@@ -24,15 +27,15 @@ class InformationCompensation(nn.Module):
         super().__init__()
         S = D // H
         self.T, self.Tu, self.H, self.Cu, self.S = T, Tu, H, Cu, S
-        self.mode, self.proj_kind = ug.ic_mode.value, ug.ic_proj.value
+        self.mode, self.proj_kind = ug.ic_mode, ug.ic_proj
         G, M = H - Cu, T * S
-        Z = (T - Tu) * S if self.mode == "masked_off" else M
+        Z = (T - Tu) * S if self.mode is ICMode.masked_off else M
         self.G, self.M, self.Z = G, M, Z
-        if self.proj_kind == "per_head":
+        if self.proj_kind is ICProj.per_head:
             self.proj = PerTokenLinear(Cu, Z, M)
-            self.proj.reset_parameters("xavier_uniform", 0.01)
+            self.proj.reset_parameters(InitDist.xavier_uniform, 0.01)
             self.register_buffer("target_C", torch.arange(Cu) % G, persistent=False)
-        elif self.proj_kind == "dense":
+        elif self.proj_kind is ICProj.dense:
             self.proj = nn.Linear(Cu * Z, G * M, bias=False)
             nn.init.xavier_uniform_(self.proj.weight, gain=0.01)
         else:
@@ -42,12 +45,12 @@ class InformationCompensation(nn.Module):
     def forward(self, mu_BCM: torch.Tensor, ng_BTgD: torch.Tensor) -> torch.Tensor:
         """mu_BCM: pre-mask user-head mixed tokens; ng_BTgD: normed candidate tokens. Returns (B, G, M)."""
         B = mu_BCM.shape[0]
-        if self.mode == "masked_off":
+        if self.mode is ICMode.masked_off:
             Tg = self.T - self.Tu
             z_BCZ = ng_BTgD.reshape(B, Tg, self.H, self.S)[:, :, : self.Cu].transpose(1, 2).reshape(B, self.Cu, Tg * self.S)
         else:
             z_BCZ = mu_BCM
-        if self.proj_kind == "per_head":
+        if self.proj_kind is ICProj.per_head:
             out_BCM = self.proj(z_BCZ)
             return out_BCM.new_zeros(B, self.G, self.M).index_add(1, self.target_C, out_BCM)
         return self.proj(z_BCZ.reshape(B, -1)).reshape(B, self.G, self.M)

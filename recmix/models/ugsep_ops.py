@@ -34,3 +34,10 @@ def swiglu_banks(ffn, x_BPI: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return ffn(x_BPI)
     gate_BPF, up_BPF = linear_banks(ffn.w_in, x_BPI, lo, hi).split(ffn.hidden, dim=-1)
     return linear_banks(ffn.w_out, F.silu(gate_BPF) * up_BPF, lo, hi)
+
+
+def ffn_banks(ffn, x_BPI: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """PerTokenFFN on banks [lo, hi): w_out(GELU(w_in x))."""
+    if hi == lo:
+        return x_BPI[:, :0]
+    return linear_banks(ffn.w_out, F.gelu(linear_banks(ffn.w_in, x_BPI, lo, hi)), lo, hi)

@@ -125,12 +125,12 @@ def test_inter_residual_never_targets_last_block_and_mean_pool_readout():
                                    down_init_std_scale=0.0))
     model = build_model(cfg, toy_schema()).eval()
     x = torch.randn(2, model.n_tokens, 16)
-    out, _ = model.backbone(x)
+    out = model.backbone(x)[-1]
     # identity blocks: after block 2 the stream is x + x; block 4 is last, so no second skip: 2x, not 3x or 4x
     assert torch.equal(out, x + x)
     b = toy_batch(toy_schema(), 5)
     tokens = model.tokenizer(model.encoder(b))
-    last, _ = model.backbone(tokens)
+    last = model.backbone(tokens)[-1]
     assert torch.equal(model(b).logits_BK, model.heads(last.mean(1)))
 
 

@@ -13,7 +13,7 @@ from recmix.models.moe import SparsePertokenMoE
 from recmix.models.token_layers import PerTokenSwiGLU
 from recmix.models.relu_moe import ReLURoutedMoE
 from recmix.models.toy import toy_schema
-from recmix.platform.specs.model import PRESETS, ModelConfig, SPMoEConfig, ReLUMoEConfig, preset
+from recmix.platform.specs.model import PRESETS, ModelConfig, MoECompute, SPMoEConfig, ReLUMoEConfig, preset
 
 CFG = TypeAdapter(ModelConfig)
 
@@ -46,10 +46,10 @@ def test_expert_split_identity(compute):
     with torch.no_grad():
         moe.router.weight.zero_()
     x = torch.randn(5, 3, 6, dtype=torch.float64)
-    torch.testing.assert_close(moe(x), _dense_from_experts(moe)(x), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(moe(x)[0], _dense_from_experts(moe)(x), atol=1e-12, rtol=1e-10)
     # default alpha = E/K = 1 with K = E does not reproduce the dense layer
     moe.alpha = cfg.model_copy(update={"alpha": None}).gate_alpha
-    assert not torch.allclose(moe(x), _dense_from_experts(moe)(x))
+    assert not torch.allclose(moe(x)[0], _dense_from_experts(moe)(x))
 
 
 def test_grouped_equals_dense_masked_and_routing_counts():
@@ -57,9 +57,10 @@ def test_grouped_equals_dense_masked_and_routing_counts():
     cfg = SPMoEConfig(n_experts=8, n_active=4)
     moe = SparsePertokenMoE(4, 8, 32, cfg, down_scale=1.0).double()
     x = torch.randn(64, 4, 8, dtype=torch.float64)
-    y_grouped = moe(x)
-    moe.compute = "dense_masked"
-    torch.testing.assert_close(y_grouped, moe(x), atol=1e-12, rtol=1e-10)
+    y_grouped, balance = moe(x)
+    assert balance is None                                         # balance_loss none
+    moe.compute = MoECompute.dense_masked
+    torch.testing.assert_close(y_grouped, moe(x)[0], atol=1e-12, rtol=1e-10)
     _, gate_BPK, idx_BPK = moe.route(x)
     assert idx_BPK.shape[-1] == 3                                  # K - 1 routed experts
     assert torch.equal(idx_BPK.sort(-1).values.unique_consecutive(dim=-1).shape[-1] * torch.ones(1), torch.tensor([3.0]))
@@ -73,10 +74,10 @@ def test_grouped_moe_gradients_match_dense_masked():
     moe = SparsePertokenMoE(2, 4, 16, SPMoEConfig(n_experts=4, n_active=2), down_scale=1.0).double()
     x = torch.randn(16, 2, 4, dtype=torch.float64)
     grads = []
-    for mode in ("grouped", "dense_masked"):
+    for mode in MoECompute:
         moe.zero_grad()
         moe.compute = mode
-        moe(x).square().sum().backward()
+        moe(x)[0].square().sum().backward()
         grads.append([p.grad.clone() for p in moe.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
@@ -147,10 +148,11 @@ def test_dtsi_eval_depends_only_on_h_infer_and_counts_active():
     torch.manual_seed(3)
     moe = ReLURoutedMoE(4, 8, 16, ReLUMoEConfig(n_experts=4)).double().eval()
     x = torch.randn(32, 4, 8, dtype=torch.float64)
-    y = moe(x)
+    y, reg = moe(x)
+    assert reg is None                      # the routing regulariser is a training term
     with torch.no_grad():
         moe.h_train.weight.add_(torch.randn_like(moe.h_train.weight))
-    assert torch.equal(moe(x), y)
+    assert torch.equal(moe(x)[0], y)
     # sparse inference equals the dense gated sum with the infer gates
     g = torch.relu(moe.h_infer(x))
     dense = moe.experts(x.unsqueeze(2).expand(32, 4, 4, 8).reshape(32, 16, 8)).reshape(32, 4, 4, 8)
@@ -165,8 +167,8 @@ def test_relu_moe_lambda_drives_active_ratio_down():
     x = torch.randn(256, 2, 8)
     for _ in range(150):
         opt.zero_grad()
-        out = moe(x)
-        (out.square().mean() * 0 + moe.last_reg).backward()
+        out, reg = moe(x)
+        (out.square().mean() * 0 + reg).backward()
         opt.step()
     assert moe.last_active_ratio < 0.35, moe.last_active_ratio
 

@@ -53,7 +53,7 @@ def _ugsep_model():
     torch.manual_seed(0)
     cfg = TypeAdapter(ModelConfig).validate_python(dict(
         arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="mlp", n_tokens=4, d_model=16, n_layers=2,
-        ffn_mult=2.0, down_init_std_scale=0.5, ugsep={"ratio": "1:1"}))
+        ffn_mult=2.0, down_init_std_scale=0.5, ugsep={"user_tokens": "1:1"}))
     return build_model(cfg, toy_schema()).double().eval()
 
 

@@ -21,13 +21,17 @@ def make(**kw):
 
 
 def model_cfg(T=4, D=16, H=None, L=3, glob="none", down=0.5, backbone="tokenmixer_large", **ug):
+    # ratio="u:g" and n_user_tokens=N are both the config's one `user_tokens` field.
+    for key in ("ratio", "n_user_tokens"):
+        if key in ug:
+            ug["user_tokens"] = ug.pop(key)
     spec = dict(arch=backbone, tokenizer="chunk_per_token", n_tokens=T, d_model=D, n_heads=H, n_layers=L,
                 ffn_mult=2.0, ugsep=ug)
     if backbone == "tokenmixer_large":
         # The global token side is a UG-Sep option (spec §5.4): g reads every feature, u the user side only.
         spec.update(down_init_std_scale=down, global_token="none" if glob == "none" else "mlp")
         if glob != "none":
-            ug["global_token_side"] = glob
+            ug["global_token_side"] = {"g": "candidate", "u": "user"}[glob]
     return TypeAdapter(ModelConfig).validate_python(spec)
 
 
@@ -104,7 +108,7 @@ def test_split_path_equals_full_forward_and_aggregation(kw):
         split = model.score(model.encode_user({n: users[n] for n in model.user_names}),
                             {n: cands[n] for n in model.cand_names}, user_index).logits_BK
         agg = model(full).logits_BK
-        model.ug = UGSepConfig.model_validate({**model.ug.model_dump(exclude_unset=True), "train_user_aggregation": "off"})
+        model.ug = UGSepConfig.model_validate({**model.ug.model_dump(exclude_unset=True), "user_aggregation": "per_row"})
         per_row = model(full).logits_BK
     torch.testing.assert_close(split, per_row, rtol=0, atol=1e-12)
     torch.testing.assert_close(agg, per_row, rtol=0, atol=1e-12)
@@ -234,8 +238,12 @@ def test_every_parameter_gets_a_gradient_and_training_reduces_loss():
 
 
 def test_config_errors_name_the_values():
-    with pytest.raises(ValueError, match=r"ratio 3:1 does not split n_tokens \(6\)"):
-        UGSepConfig(ratio="3:1").user_tokens(6)
+    with pytest.raises(ValueError, match=r"user_tokens 3:1 does not split n_tokens \(6\)"):
+        UGSepConfig(user_tokens="3:1").n_user_tokens(6)
+    with pytest.raises(ValueError, match=r"user_tokens \(4\) must be below n_tokens \(4\)"):
+        model_cfg(T=4, n_user_tokens=4)
+    with pytest.raises(ValueError, match="user_tokens"):
+        UGSepConfig(user_tokens="3-1")
     with pytest.raises(ValueError, match="ic_rank is used by ic_proj low_rank only"):
         UGSepConfig(ic_rank=4)
     with pytest.raises(ValueError, match=r"user heads n_heads\*T_u/n_tokens = 6\*3/4"):

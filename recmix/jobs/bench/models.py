@@ -85,7 +85,7 @@ def _ffn_ratio(batch: int, reps: int, E: int, K: int) -> dict:
     out = {}
     for mode in ("fwd", "fwd_bwd"):
         def run(m):
-            y = m(x)
+            y = m(x)[0] if m is moe else m(x)   # the MoE returns (y, balance loss)
             if mode == "fwd_bwd":
                 y.sum().backward()
         td, ts = _time(lambda: run(dense), reps), _time(lambda: run(moe), reps)

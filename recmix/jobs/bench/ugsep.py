@@ -49,9 +49,9 @@ def run(quick: bool) -> BenchReport:
     budget_s = 0.15 if quick else 1.0
     schema = builtin_schema(n_users=943, n_items=1682, history_len=50)
     models = {
-        "baseline": _model(schema, T, D, L, {"n_user_tokens": 0}),
-        "ugsep_1:1": _model(schema, T, D, L, {"ratio": "1:1"}),
-        "ugsep_3:1": _model(schema, T, D, L, {"ratio": "3:1"}),
+        "baseline": _model(schema, T, D, L, {"user_tokens": 0}),
+        "ugsep_1:1": _model(schema, T, D, L, {"user_tokens": "1:1"}),
+        "ugsep_3:1": _model(schema, T, D, L, {"user_tokens": "3:1"}),
     }
     ug11 = models["ugsep_1:1"]
     rows, results = [], {}

@@ -1,8 +1,10 @@
 """`model:` configs, discriminated by `arch` (dlrm_mlp | rankmixer | tokenmixer_large). Pure pydantic.
 
-Field names follow /work/shared/spec/models.md (sections 2-4). Every field is honoured by
-`recmix.models.build.build_model`; structural constraints (H | D, RankMixer H == T, expert widths) are
-checked here so a bad spec fails at `recmix validate`, before any tensor exists.
+Field names follow the spec's models.md (sections 2-5). Every field is honoured by
+`recmix.models.build.build_model`; structural constraints (H | D, RankMixer H == T, whole hidden and expert
+widths, UG-Sep's token split) are checked here so a bad spec fails at `recmix validate`, before any tensor
+exists. Only a T derived from the feature schema (group_mlp without n_tokens) is checked at build time, by
+the same `check_tokens`; model constructors trust the validated config.
 """
 
 from __future__ import annotations
@@ -184,17 +186,23 @@ class _Mixer(_Common):
         return self.n_heads if self.n_heads is not None else n_tokens
 
     def hidden(self) -> int:
-        h = self.ffn_mult * self.d_model
-        if abs(h - round(h)) > 1e-6:
-            raise ValueError(f"ffn_mult * d_model must be an integer, got {self.ffn_mult} * {self.d_model} = {h}")
-        return int(round(h))
+        """ffn_mult * d_model (validated to be whole)."""
+        return int(round(self.ffn_mult * self.d_model))
 
-    def _check_heads(self) -> None:
-        self.hidden()
+    def check_tokens(self, n_tokens: int) -> None:
+        """Constraints that need T. The validator runs them when n_tokens is set; a model whose T comes
+        from the feature schema (group_mlp, n_tokens unset) runs them once its tokenizer has counted T."""
+        raise NotImplementedError
+
+    def _check_mixer(self) -> None:
+        _whole(self.ffn_mult * self.d_model, f"ffn_mult * d_model = {self.ffn_mult} * {self.d_model}")
         if self.n_heads is not None and self.d_model % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
-        if self.n_heads is None and self.n_tokens is not None and self.d_model % self.n_tokens:
-            raise ValueError(f"n_heads defaults to n_tokens ({self.n_tokens}), which must divide d_model ({self.d_model})")
+        if self.tokenizer is not Tokenizer.group_mlp and self.n_tokens is None:
+            raise ValueError(f"tokenizer {self.tokenizer.value} needs n_tokens")
+        if self.n_tokens is not None:
+            self.check_tokens(self.n_tokens)
+        _check_ugsep(self)
 
 
 class RankMixerConfig(_Mixer):
@@ -205,16 +213,17 @@ class RankMixerConfig(_Mixer):
     norm_position: NormPosition = NormPosition.post
     ffn_bias: bool = True
     moe: Optional[ReLUMoEConfig] = None
-    ugsep: Optional[UGSepConfig] = None   # present = UG-Sep masked mixing (recmix.models.ugsep_rankmixer)
+    ugsep: Optional[UGSepConfig] = None   # present = UG-Sep masked mixing
+
+    def check_tokens(self, n_tokens: int) -> None:
+        if self.n_heads is not None and self.n_heads != n_tokens:
+            raise ValueError(f"RankMixer needs n_heads == n_tokens (residual shapes), got H={self.n_heads}, T={n_tokens}")
+        if self.d_model % n_tokens:
+            raise ValueError(f"RankMixer mixes with n_heads = n_tokens ({n_tokens}), which must divide d_model ({self.d_model})")
 
     @model_validator(mode="after")
     def _check(self) -> "RankMixerConfig":
-        self._check_heads()
-        _check_ugsep(self)
-        if self.n_heads is not None and self.n_tokens is not None and self.n_heads != self.n_tokens:
-            raise ValueError(f"RankMixer needs n_heads == n_tokens (residual shapes), got H={self.n_heads}, T={self.n_tokens}")
-        if self.tokenizer is not Tokenizer.group_mlp and self.n_tokens is None:
-            raise ValueError(f"tokenizer {self.tokenizer.value} needs n_tokens")
+        self._check_mixer()
         if self.moe is not None and self.moe.expert_hidden == "fine" and self.hidden() % self.moe.n_experts:
             raise ValueError(f"fine experts need n_experts ({self.moe.n_experts}) to divide ffn_mult*d_model ({self.hidden()})")
         return self
@@ -232,19 +241,36 @@ class TokenMixerLargeConfig(_Mixer):
     inter_residual_gap: Annotated[int, Field(ge=0, le=256)] = 2
     aux_loss: AuxLossConfig = AuxLossConfig()
     moe: Optional[SPMoEConfig] = None
-    ugsep: Optional[UGSepConfig] = None   # present = UG-Sep masked mixing (recmix.models.ugsep)
+    ugsep: Optional[UGSepConfig] = None   # present = UG-Sep masked mixing
 
     def aux_layers(self) -> list[int]:
         if self.aux_loss.mode is AuxMode.off:
             return []
         return list(self.aux_loss.layers) or [max(1, self.n_layers // 2)]
 
+    def mixed_width(self, n_tokens: int) -> int:
+        """M = T * D / H, the width of one mixed token (F1's bank width)."""
+        return n_tokens * self.d_model // self.resolved_heads(n_tokens)
+
+    def moe_at(self, position: MoEPositions) -> bool:
+        """Whether F1 (`mixed`) or F2 (`token`) is an S-P MoE."""
+        return self.moe is not None and self.moe.positions in (MoEPositions.both, position)
+
+    def check_tokens(self, n_tokens: int) -> None:
+        H = self.resolved_heads(n_tokens)
+        if self.d_model % H:
+            raise ValueError(f"n_heads defaults to n_tokens ({n_tokens}), which must divide d_model ({self.d_model})")
+        M = self.mixed_width(n_tokens)
+        _whole(self.ffn_mult * M, f"ffn_mult * mixed-token width T*D/H = {self.ffn_mult} * {M}")
+        for pos, width in ((MoEPositions.mixed, M), (MoEPositions.token, self.d_model)):
+            hid = int(round(self.ffn_mult * width))
+            if self.moe_at(pos) and hid % self.moe.n_experts:
+                raise ValueError(f"moe.n_experts ({self.moe.n_experts}) must divide the {pos.value} pSwiGLU hidden width "
+                                 f"ffn_mult*{width} ({hid})")
+
     @model_validator(mode="after")
     def _check(self) -> "TokenMixerLargeConfig":
-        self._check_heads()
-        if self.tokenizer is not Tokenizer.group_mlp and self.n_tokens is None:
-            raise ValueError(f"tokenizer {self.tokenizer.value} needs n_tokens")
-        _check_ugsep(self)
+        self._check_mixer()
         if self.ugsep is None and self.tokenizer is not Tokenizer.group_mlp and self.global_token is not GlobalToken.none:
             raise ValueError(f"global_token {self.global_token.value} is built by the group_mlp tokenizer only "
                              f"(tokenizer is {self.tokenizer.value}); set global_token: none")
@@ -253,15 +279,16 @@ class TokenMixerLargeConfig(_Mixer):
             raise ValueError(f"aux_loss.layers {bad} must be below n_layers ({self.n_layers}): the last block feeds the main head")
         if self.aux_layers() and self.n_layers < 2 and self.aux_loss.mode is not AuxMode.off:
             raise ValueError("aux_loss needs n_layers >= 2 (or aux_loss.mode: off)")
-        if self.moe is not None:
-            hid = self.hidden()
-            if hid % self.moe.n_experts:
-                raise ValueError(f"moe.n_experts ({self.moe.n_experts}) must divide ffn_mult*d_model ({hid})")
         return self
 
 
-def _check_ugsep(cfg) -> None:
-    """UG-Sep chunks each side's features into its own tokens, so T is explicit and split by the ratio."""
+def _whole(x: float, what: str) -> None:
+    if abs(x - round(x)) > 1e-6:
+        raise ValueError(f"{what} = {x} must be a whole number (a pSwiGLU / FFN hidden width)")
+
+
+def _check_ugsep(cfg: _Mixer) -> None:
+    """UG-Sep chunks each side's features into its own tokens, so T is explicit and split by user_tokens."""
     if cfg.ugsep is None:
         return
     if cfg.n_tokens is None:
@@ -270,11 +297,11 @@ def _check_ugsep(cfg) -> None:
         raise ValueError(f"ugsep tokenizes each side with chunk_per_token, got tokenizer {cfg.tokenizer.value}")
     if cfg.moe is not None:
         raise ValueError("ugsep with moe is not supported yet: remove one of them")
-    Tu = cfg.ugsep.user_tokens(cfg.n_tokens)
+    Tu = cfg.ugsep.n_user_tokens(cfg.n_tokens)
     H = cfg.resolved_heads(cfg.n_tokens)
     if (H * Tu) % cfg.n_tokens:
         raise ValueError(f"ugsep user heads n_heads*T_u/n_tokens = {H}*{Tu}/{cfg.n_tokens} must be whole")
-    if getattr(cfg, "residual_mode", None) is not None and cfg.residual_mode is not ResidualMode.B:
+    if isinstance(cfg, TokenMixerLargeConfig) and cfg.residual_mode is not ResidualMode.B:
         raise ValueError(f"ugsep is implemented for residual_mode B, got {cfg.residual_mode.value}")
 
 

@@ -1,25 +1,20 @@
-"""`ugsep:` options of a TokenMixer-Large model (UG-Sep, spec models.md §5). Pure pydantic.
+"""`ugsep:` options of a TokenMixer-Large or RankMixer model (UG-Sep, spec models.md §5). Pure pydantic.
 
 Present = enabled. The user/candidate partition of the features comes from the feature schema's token
-groups (`side: user | candidate`); this config says how many of the T tokens are user tokens.
+groups (`side: user | candidate`); `user_tokens` says how many of the T tokens are user tokens.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated, Union
 
 from pydantic import Field, model_validator
 
 from .base import StrictModel
 
-
-class UGRatio(str, Enum):
-    r1_2 = "1:2"
-    r1_1 = "1:1"
-    r2_1 = "2:1"
-    r3_1 = "3:1"
-    r5_1 = "5:1"
+# "u:g" splits the T tokens u : g between the user and the candidate side.
+UserTokenRatio = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,3}:[1-9][0-9]{0,3}$")]
 
 
 class ICMode(str, Enum):
@@ -34,36 +29,37 @@ class ICProj(str, Enum):
     low_rank = "low_rank"       # concat -> r -> all candidate heads
 
 
-class Side(str, Enum):
-    g = "g"
-    u = "u"
+class GlobalTokenSide(str, Enum):
+    candidate = "candidate"     # the global MLP reads every feature and is a candidate token
+    user = "user"               # it reads the user features only and is a user token (cached per user)
 
 
-class Toggle(str, Enum):
-    on = "on"
-    off = "off"
+class UserAggregation(str, Enum):
+    dedup = "dedup"             # rows of a batch with identical user features share one user-path computation
+    per_row = "per_row"         # every row runs its own user path (reference; same scores)
 
 
 class UGSepConfig(StrictModel):
-    ratio: UGRatio = UGRatio.r1_1
-    # Explicit T_u; overrides `ratio`. 0 gives the unmasked baseline (every token candidate-side).
-    n_user_tokens: Optional[Annotated[int, Field(ge=0, le=4096)]] = None
+    # A ratio "u:g" ("1:1", "3:1", ...) or a whole number of user tokens; 0 = no user tokens, i.e. the
+    # unmasked baseline with UG-Sep's per-side tokenizers. Checked against n_tokens by the model config.
+    user_tokens: Union[Annotated[int, Field(ge=0, le=4096)], UserTokenRatio] = "1:1"
     ic_mode: ICMode = ICMode.masked_off
     ic_proj: ICProj = ICProj.per_head
     ic_rank: Annotated[int, Field(gt=0, le=4096)] = 32
-    global_token_side: Side = Side.g
-    # Rows of a batch with identical user-side features share one user-path computation.
-    train_user_aggregation: Toggle = Toggle.on
+    global_token_side: GlobalTokenSide = GlobalTokenSide.candidate
+    user_aggregation: UserAggregation = UserAggregation.dedup
 
-    def user_tokens(self, n_tokens: int) -> int:
-        if self.n_user_tokens is not None:
-            if self.n_user_tokens >= n_tokens:
-                raise ValueError(f"ugsep.n_user_tokens ({self.n_user_tokens}) must be below n_tokens ({n_tokens})")
-            return self.n_user_tokens
-        u, g = (int(v) for v in self.ratio.value.split(":"))
+    def n_user_tokens(self, n_tokens: int) -> int:
+        """T_u for a model of n_tokens tokens; ValueError naming the values when they do not fit."""
+        if isinstance(self.user_tokens, int):
+            if self.user_tokens >= n_tokens:
+                raise ValueError(f"ugsep.user_tokens ({self.user_tokens}) must be below n_tokens ({n_tokens}); "
+                                 f"a ratio must be quoted in YAML (\"3:1\"), unquoted 3:1 reads as the number 181")
+            return self.user_tokens
+        u, g = (int(v) for v in self.user_tokens.split(":"))
         if (n_tokens * u) % (u + g):
-            raise ValueError(f"ugsep.ratio {self.ratio.value} does not split n_tokens ({n_tokens}) into whole tokens; "
-                             f"use n_tokens divisible by {u + g} or set ugsep.n_user_tokens")
+            raise ValueError(f"ugsep.user_tokens {self.user_tokens} does not split n_tokens ({n_tokens}) into whole "
+                             f"tokens; use n_tokens divisible by {u + g} or a whole number of user tokens")
         return n_tokens * u // (u + g)
 
     @model_validator(mode="after")
