@@ -108,6 +108,26 @@ def test_config_validation(bad, msg):
 def test_group_mlp_token_count_checked():
     with pytest.raises(ValueError, match="group_mlp gives 5 tokens"):
         build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_tokens=4, n_heads=4)), toy_schema())
+    # T = 5 comes from the schema: the config's check_tokens runs at build time, with the same message
+    with pytest.raises(ValueError, match=r"n_heads defaults to n_tokens \(5\), which must divide d_model \(16\)"):
+        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16)), toy_schema())
+    with pytest.raises(ValueError, match=r"ffn_mult \* mixed-token width T\*D/H = 1.5 \* 5"):
+        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=16, ffn_mult=1.5)), toy_schema())
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=4, d_model=16,
+          moe=dict(n_experts=4, n_active=2), ugsep={}), "ugsep with moe"),
+    (dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=4, d_model=16,
+          residual_mode="A", ugsep={}), "residual_mode B, got A"),
+    (dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=4, d_model=16,
+          ffn_mult=2.5, moe=dict(n_experts=3, n_active=2)),
+     r"moe.n_experts \(3\) must divide the mixed pSwiGLU hidden width ffn_mult\*16 \(40\)"),
+    (dict(arch="tokenmixer_large", d_model=16, ffn_mult=1.03), r"ffn_mult \* d_model = 1.03 \* 16"),
+])
+def test_constructor_checks_live_in_the_config(bad, msg):
+    with pytest.raises(ValidationError, match=msg):
+        CFG.validate_python(bad)
 
 
 @pytest.mark.parametrize("mode", ["A", "B", "C"])

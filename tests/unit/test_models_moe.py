@@ -196,3 +196,18 @@ def test_relu_moe_param_count(moe):
     cfg = CFG.validate_python(dict(arch="rankmixer", n_tokens=4, d_model=16, ffn_mult=2.0, moe=moe))
     model = build_model(cfg, toy_schema())
     assert counters.backbone(cfg, 4).params == _block_params(model)
+
+
+def test_routing_losses_travel_in_the_model_output():
+    from recmix.models.toy import toy_batch
+
+    b = toy_batch(toy_schema(), 16, seed=0)
+    tml = build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2,
+                                               moe=dict(n_experts=4, n_active=2, balance_loss="switch"))), toy_schema())
+    out = tml(b)
+    assert out.extra_loss is not None and out.extra_loss.requires_grad
+    assert tml.loss(out, b["labels"])[1]["routing"] == pytest.approx(float(out.extra_loss.detach()))
+    rm = build_model(CFG.validate_python(dict(arch="rankmixer", n_tokens=4, d_model=16, moe=dict(n_experts=4))), toy_schema())
+    assert rm.train()(b).extra_loss is not None and rm.eval()(b).extra_loss is None   # L1/DTSI terms train only
+    for m in (tml, rm):
+        assert not any(hasattr(mod, "last_balance_loss") or hasattr(mod, "last_reg") for mod in m.modules())
