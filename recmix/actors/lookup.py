@@ -54,6 +54,8 @@ class PSEmbeddingLookup(EmbeddingLookup):
                  mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20, device: torch.device | str = "cpu"):
         super().__init__(tables)
         assert set(tables) == set(client.dims), (sorted(tables), sorted(client.dims))
+        if hbm_rows < 1:
+            raise ValueError(f"hbm_rows must be at least 1, got {hbm_rows}")
         self.client, self.mode = client, LookupMode(mode)
         self.device = torch.device(device)
         self.ws = WorkingSet(client, optimizer, hbm_rows, self.device)

@@ -27,7 +27,8 @@ class OptimizerConfig(StrictModel):
 
 
 class EarlyStopping(StrictModel):
-    """Stop after `patience` epochs without a better valid AUC (task 0); the best epoch's weights are kept."""
+    """Stop after `patience` epochs in a row without a better valid AUC (task 0; 0 = at the first such epoch);
+    the best epoch's weights are kept."""
 
     patience: Annotated[int, Field(ge=0, le=1000)] = 2
 
