@@ -126,6 +126,10 @@ class TokenModel(RankingModel):
         if self.ug is None or not self.Tu:
             raise ValueError("this model has no user tokens (no ugsep, or ugsep.user_tokens 0): score with forward()")
         f_UW = concat(self.user_encoder(user_batch), self.user_names)
+        return self.user_stack(f_UW, self.user_tokenizer(f_UW))
+
+    def user_stack(self, f_UW: torch.Tensor, x_UTD: torch.Tensor) -> UserState:
+        """The blocks' user paths on user tokens x_UTD (the user tokenizer's output for features f_UW)."""
         caches: list[tuple[torch.Tensor, ...]] = []
 
         def user_step(blk):
@@ -135,7 +139,7 @@ class TokenModel(RankingModel):
                 return x_UTD
             return step
 
-        xs = run_stack(self.user_tokenizer(f_UW), [user_step(blk) for blk in self.blocks], self.gap)
+        xs = run_stack(x_UTD, [user_step(blk) for blk in self.blocks], self.gap)
         return UserState(f_UW, xs, caches)
 
     def score(self, state: UserState | None, cand_batch: dict[str, torch.Tensor], user_index: torch.Tensor) -> ModelOutput:
@@ -149,10 +153,14 @@ class TokenModel(RankingModel):
         xg_BTD = self.cand_tokenizer(concat(self.cand_encoder(cand_batch), self.cand_names), extra)
         if not Tu:
             return self._full(xg_BTD)
+        xs = self.candidate_stack(state, xg_BTD, user_index)
+        return self._readout(lambda l: torch.cat([state.x_U[l][user_index], xs[l]], 1).mean(1), None)
 
+    def candidate_stack(self, state: UserState, xg_BTD: torch.Tensor, user_index: torch.Tensor,
+                        with_ic: bool = True) -> list[torch.Tensor]:
+        """[x_0, ..., x_L] of the candidate tokens through the blocks' candidate paths."""
         def cand_step(l):
-            ic = self.ic[l] if self.ic is not None else None
+            ic = self.ic[l] if self.ic is not None and with_ic else None
             return lambda x: self.blocks[l].candidate_path(x, tuple(t[user_index] for t in state.per_layer[l]), ic)
 
-        xs = run_stack(xg_BTD, [cand_step(l) for l in range(len(self.blocks))], self.gap)
-        return self._readout(lambda l: torch.cat([state.x_U[l][user_index], xs[l]], 1).mean(1), None)
+        return run_stack(xg_BTD, [cand_step(l) for l in range(len(self.blocks))], self.gap)

@@ -1,60 +1,58 @@
 """FLOPs of one UG-Sep request (one user, C candidates) against the unmasked baseline (spec §5.7).
 
-Counts matmul FLOPs (2 per multiply-add) of the per-token layers: F1/F2 of every block (TokenMixer-Large:
-two SwiGLU banks, 6*W*F per row and bank; RankMixer: the GELU FFN, 4*D*F), Information Compensation, and
-the per-side chunk tokenizers. With rho = Cu/H = Tu/T the backbone ratio is exactly
-    ugsep / baseline = (1 - rho) + rho / C + IC / baseline.
-The baseline is the same architecture with no user tokens: C rows through every bank. Parameter counts
-of a UG-Sep config (no model needed) are `recmix.models.counters.ugsep_counts`.
+Measured, not derived: torch's FlopCounterMode counts the matmul FLOPs (2 per multiply-add) that a
+meta-device copy of the model issues (no data, no time), so what is counted is what the blocks run:
+  user_backbone   the user paths, once per request
+  ugsep_backbone  that + the candidate paths for C rows, Information Compensation included (`ic`)
+  baseline        the same blocks unmasked (their full forward) on C rows of all T tokens
+  tokenizer       both side tokenizers (chunk projections and a global MLP)
+With rho = Cu/H = Tu/T the backbone ratio is exactly (1 - rho) + rho / C + IC / baseline (`formula`;
+the tests check both against the FLOPs the per-token kernels report).
 """
 
 from __future__ import annotations
 
-from recmix.platform.specs.ugsep import ICProj
+import copy
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
-def _ic_flops(model) -> int:
-    if model.ic is None:
-        return 0
-    ic = model.ic[0]
-    if ic.proj_kind is ICProj.per_head:
-        per = 2 * model.Cu * ic.Z * ic.M
-    elif ic.proj_kind is ICProj.dense:
-        per = 2 * model.Cu * ic.Z * ic.G * ic.M
-    else:
-        r = ic.proj[0].out_features
-        per = 2 * (model.Cu * ic.Z * r + r * ic.G * ic.M)
-    return per * len(model.blocks)
-
-
-def _bank_flops(model) -> tuple[int, int]:
-    """(FLOPs per row of one F1 bank, of one F2 bank); RankMixer has one FFN per position."""
-    blk = model.blocks[0]
-    if hasattr(blk, "f1"):
-        return 6 * blk.f1.w_in.d_in * blk.f1.hidden, 6 * blk.f2.w_in.d_in * blk.f2.hidden
-    return 0, 4 * blk.ffn.w_in.d_in * blk.ffn.w_in.d_out
-
-
-def _tok_flops(tok) -> int:
-    return 0 if tok is None or tok.proj is None else 2 * tok.n_chunk * tok.chunk_dim * tok.proj.d_out
+def _flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
 
 
 def request_flops(model, n_candidates: int) -> dict:
-    C, L = n_candidates, len(model.blocks)
-    T, Tu, H, Cu = model.T, model.Tu, model.H, model.Cu
-    f1, f2 = _bank_flops(model)
-    base = C * L * (H * f1 + T * f2)
-    user = L * (Cu * f1 + Tu * f2)
-    cand = C * L * ((H - Cu) * f1 + (T - Tu) * f2)
-    ic = C * _ic_flops(model)
-    rho = Cu / H
+    assert model.ug is not None, "request_flops needs a model with ugsep"
+    C, m = n_candidates, copy.deepcopy(model).to("meta")
+    meta = dict(device="meta", dtype=next(m.parameters()).dtype)
+    w = m.encoder.widths
+    f_UW = torch.empty(1, sum(w[n] for n in m.user_names), **meta)
+    f_BW = torch.empty(C, sum(w[n] for n in m.cand_names), **meta)
+    extra = f_UW.expand(C, -1) if m.Tu and m.cand_tokenizer.global_mlp is not None else None
+    x: dict = {}
+    tok = _flops(lambda: x.update(u=m.user_tokenizer(f_UW) if m.Tu else None, g=m.cand_tokenizer(f_BW, extra)))
+    base = _flops(lambda: m.backbone(torch.empty(C, m.T, m.D, **meta)))
+    user = cand = ic = 0
+    if m.Tu:
+        state = m.user_stack(f_UW, x["u"])
+        user = _flops(lambda: m.user_stack(f_UW, x["u"]))
+        user_index = torch.zeros(C, dtype=torch.long, device="meta")
+        cand = _flops(lambda: m.candidate_stack(state, x["g"], user_index))
+        ic = cand - _flops(lambda: m.candidate_stack(state, x["g"], user_index, with_ic=False))
+    else:
+        cand = _flops(lambda: m.backbone(x["g"]))
+    rho = m.Cu / m.H
     return {
         "baseline_backbone": base,
-        "ugsep_backbone": user + cand + ic,
+        "ugsep_backbone": user + cand,
         "user_backbone": user,
         "ic": ic,
-        "tokenizer": _tok_flops(getattr(model, "user_tokenizer", None)) + C * _tok_flops(model.cand_tokenizer),
-        "ratio": (user + cand + ic) / base,
+        "tokenizer": tok,
+        "ratio": (user + cand) / base,
         "formula": (1 - rho) + rho / C + ic / base,
         "rho": rho,
     }
