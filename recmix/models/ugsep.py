@@ -47,8 +47,7 @@ class SideTokenizer(nn.Module):
         total = sum(widths[n] for n in names)
         self.global_mlp = mlp(extra_width + total, d_model, d_model) if global_token else None
         n_chunk = n_tokens - int(self.global_mlp is not None)
-        if n_chunk < 0 or (n_chunk == 0 and total and self.global_mlp is None):
-            raise ValueError(f"{n_tokens} tokens cannot hold features {names}")
+        assert n_chunk > 0 or self.global_mlp is not None, (n_tokens, names)   # each side has >= 1 token
         self.n_chunk = n_chunk
         self.chunk_dim = -(-total // n_chunk) if n_chunk else 0
         self.pad = self.chunk_dim * n_chunk - total
