@@ -1,1 +1,1 @@
-"""Job entry points (prepare, train, bench, pipeline); `recmix run` dispatches here by `kind`."""
+"""Job entry points (prepare, train, bench, pipeline), the `recmix` CLI (cli.py) and its dispatch table (registry.py)."""

@@ -1,39 +1,19 @@
-"""Benchmark convention shared by every `recmix bench NAME`.
+"""Benchmark output convention shared by every `recmix bench NAME` (the benches and their registry: recmix.jobs).
 
-A benchmark is a function `run(quick: bool) -> BenchReport`. The runner prints the report's table,
-then, as the LAST line of stdout, one JSON object: name, quick, results (figures and ratios),
-config, and the machine (cores, torch and ray versions, device). Ratios are always against a
-baseline measured in the same run. `--quick` must finish within 60 s on 2 cores.
+A benchmark produces a `BenchReport`. `emit` prints the report's table, then, as the LAST line of stdout,
+one JSON object: bench, quick, params, results (figures and ratios), config, and the machine (cores,
+torch and ray versions, device). Ratios are always against a baseline measured in the same run.
+`--quick` must finish within 60 s on 2 cores.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform as _platform
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-# name -> "module:function". Strings, so the platform layer imports nothing above it until a bench runs.
-_REGISTRY: dict[str, str] = {
-    "datagen": "recmix.jobs.bench.datagen:run",
-    "ugsep": "recmix.jobs.bench.ugsep:run",
-    "ugsep_quality": "recmix.jobs.bench.ugsep_quality:run",
-    "ps": "recmix.jobs.bench.ps:run",
-    "models": "recmix.jobs.bench.models:run",
-    "quality": "recmix.jobs.bench.quality:run",
-    "w8a16": "recmix.jobs.bench.w8a16:run",
-}
-
-
-def register(name: str, target: str) -> None:
-    _REGISTRY[name] = target
-
-
-def registered() -> dict[str, str]:
-    return dict(_REGISTRY)
 
 
 @dataclass
@@ -83,22 +63,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def resolve(name: str) -> Callable[[bool], BenchReport]:
-    from recmix.platform.errors import RecmixError
-
-    if name not in _REGISTRY:
-        raise RecmixError(f"unknown benchmark '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    module, _, fn = _REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), fn)
-
-
-def run_bench(name: str, quick: bool = False, out: str | None = None, echo: Callable[[str], None] = print) -> dict:
-    fn = resolve(name)
+def emit(
+    name: str,
+    quick: bool,
+    produce: Callable[[], BenchReport],
+    *,
+    params: dict[str, Any] | None = None,
+    out: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run `produce`, print its table and the JSON line (also to `out`), return the JSON payload."""
     t0 = time.perf_counter()
-    report = fn(quick)
+    report = produce()
     payload = {
         "bench": name,
         "quick": quick,
+        "params": params or {},
         "results": report.results,
         "config": report.config,
         "machine": machine(),

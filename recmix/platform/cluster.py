@@ -3,7 +3,10 @@
 * `address="local"` always starts a fresh cluster (a stale `ray_current_cluster` file cannot capture it),
   in a per-run temp dir, with the dashboard bound to 127.0.0.1 unless configured.
 * Token authentication stays as Ray sets it (on by default for new local clusters). `RAY_AUTH_MODE` is
-  read when `ray` is imported, so it must be exported in the shell, never set here after the import.
+  read when `ray` is imported, so it must be exported in the shell, never set here after the import. Joining a
+  cluster whose token this process lacks fails after Ray's ~20 s of retries; `connect` turns that into one
+  RecmixError line saying what to export.
+* Every start or join prints one `[ray]` line with the dashboard URL (or why there is none).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
+from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
 
 
@@ -24,7 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def connect(cfg: Optional[ClusterConfig] = None, *, include_dashboard: bool = True, quiet: bool = True):
+def connect(
+    cfg: Optional[ClusterConfig] = None, *, include_dashboard: bool = True, quiet: bool = True, echo: Callable[[str], None] = print
+):
     """Start (address=local) or join a Ray cluster; returns the `ray.init` context. Idempotent."""
     import ray
 
@@ -32,7 +38,12 @@ def connect(cfg: Optional[ClusterConfig] = None, *, include_dashboard: bool = Tr
     if ray.is_initialized():
         return ray.get_runtime_context()
     if cfg.address != "local":
-        return ray.init(address=cfg.address, log_to_driver=not quiet)
+        try:
+            ctx = ray.init(address=cfg.address, log_to_driver=not quiet)
+        except ConnectionError as e:
+            raise RecmixError(_join_failure(cfg.address, e)) from None
+        echo(f"[ray] joined the cluster at {cfg.address}; {_dashboard(ctx.dashboard_url, 'the cluster runs without one')}")
+        return ctx
     # Short path: Ray's unix sockets live under the temp dir and must stay below ~100 characters.
     tmp = tempfile.mkdtemp(prefix="rmx-", dir="/tmp")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -49,7 +60,58 @@ def connect(cfg: Optional[ClusterConfig] = None, *, include_dashboard: bool = Tr
         logging_level="WARNING",
     )
     _TEMP_DIRS.append(tmp)
+    echo(f"[ray] started a local cluster; {_dashboard(ctx.dashboard_url, 'include_dashboard is off')}")
     return ctx
+
+
+def dashboard_url() -> Optional[str]:
+    """http://host:port of the connected cluster's dashboard, None when it runs without one or none is connected."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    return f"http://{url}" if url else None
+
+
+def _dashboard(url: Optional[str], why_none: str) -> str:
+    # Ray reports host:port without a scheme
+    return f"dashboard http://{url}" if url else f"no dashboard ({why_none})"
+
+
+def _auth_mode() -> str:
+    try:
+        from ray._private.authentication.authentication_utils import get_authentication_mode_name
+        from ray._raylet import get_authentication_mode
+
+        return get_authentication_mode_name(get_authentication_mode())
+    except ImportError:  # pragma: no cover - older Ray without token authentication
+        return "unknown"
+
+
+def _reachable(address: str) -> Optional[bool]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return None  # 'auto' or a ray:// client address: no plain GCS port to probe
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _join_failure(address: str, err: ConnectionError) -> str:
+    """One line: what went wrong joining `address`, and what to set when it is token authentication."""
+    reachable = _reachable(address)
+    if reachable is False:
+        return f"cannot join the Ray cluster at {address}: nothing accepts connections there ({err})"
+    token_hint = (f"export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the cluster's token before "
+                  f"running recmix (RAY_AUTH_MODE is '{_auth_mode()}' here; Ray reads it at import)")
+    if reachable:
+        return f"cannot join the Ray cluster at {address}: it answers but rejected this client, as a cluster with token authentication does; {token_hint}"
+    return f"cannot join the Ray cluster at {address} ({err}); if it uses token authentication, {token_hint}"
 
 
 _TEMP_DIRS: list[str] = []

@@ -1,8 +1,9 @@
-"""The `recmix` CLI end to end on data preparation: run, validate, schema, exit codes."""
+"""The `recmix` CLI end to end: run, validate, schema, bench flags, --version, joining a cluster, exit codes."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from recmix.platform.cli import main
+from recmix.jobs.cli import main
 from recmix.platform.dataset import open_dataset
 from recmix.platform.specs.data import StorageConfig
 
@@ -123,3 +124,95 @@ def test_run_pipeline_example(env, ray_cluster, monkeypatch, capsys):
     assert "stage 'prepare_ml100k'" in out and "stage 'prepare_synthetic'" in out
     assert open_dataset(str(env / "ml100k")).rows("train") == 80_000
     assert open_dataset(str(env / "synthetic-small")).rows("train") == 32_000
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"recmix {version('recmix')}"
+
+
+def test_bench_help_lists_every_bench_with_a_description(capsys):
+    from recmix.jobs.bench import BENCHES
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for name, b in BENCHES.items():
+        assert any(line.split()[:1] == [name] and b.description in line for line in out.splitlines()), name
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench", "quality", "--set", "colour=red"], "--set colour: unknown parameter of bench 'quality' (known: dataset, ml100k, seeds, workers)"),
+    (["bench", "w8a16", "--set", "seeds=1"], "--set seeds: unknown parameter of bench 'w8a16' (known: none)"),
+    (["bench", "quality", "--set", "seeds"], "--set 'seeds': expected key=value"),
+    (["bench", "quality", "--set", "workers=0"], "params.workers: Input should be greater than or equal to 1"),
+    (["bench", "nosuch"], "name: unknown benchmark 'nosuch'"),
+])
+def test_bench_flags_are_strict(capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_quality_bench_without_a_dataset_names_the_parameter_and_variable(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("RECMIX_ML100K", raising=False)
+    assert main(["bench", "quality", "--quick", "--set", f"dataset={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "params.dataset" in err and "params.ml100k" in err and "RECMIX_ML100K" in err
+
+
+def _kill_cluster(temp_dir: str) -> None:
+    """SIGKILL the processes of the `ray start` cluster that uses `temp_dir` (its gcs_server ignores SIGTERM)."""
+    import signal
+
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if temp_dir in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(int(d.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_join_token_cluster(tmp_path):
+    """Joining a token-authenticated cluster: with its token it works; without, one error line and exit 2 (~35 s)."""
+    import secrets
+    import subprocess
+    import sys
+    import tempfile
+
+    from recmix.platform.cluster import free_port
+
+    bin_dir = Path(sys.executable).parent
+    port, token = free_port(), secrets.token_hex(32)
+    temp_dir = tempfile.mkdtemp(prefix="rmxauth", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    try:
+        subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=1",
+                        "--include-dashboard=false", "--disable-usage-stats"],
+                       env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, check=True, capture_output=True, timeout=120)
+        address = f"127.0.0.1:{port}"
+        join = ("from recmix.platform import cluster\nfrom recmix.platform.specs.cluster import ClusterConfig\n"
+                f"with cluster.cluster(ClusterConfig(address='{address}')):\n    pass\n")
+        ok = subprocess.run([sys.executable, "-c", join], env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                            capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert f"[ray] joined the cluster at {address}; no dashboard (the cluster runs without one)" in ok.stdout
+
+        spec = tmp_path / "p.yaml"
+        spec.write_text("kind: pipeline\nstages:\n  - {name: a, spec: {kind: bench, name: w8a16, quick: true}}\n")
+        bad = subprocess.run([str(bin_dir / "recmix"), "run", str(spec), "--address", address], env={**env, "RAY_AUTH_MODE": "disabled"},
+                             capture_output=True, text=True, timeout=180)
+        assert bad.returncode == 2
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("recmix: error:")]
+        assert len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        assert f"cannot join the Ray cluster at {address}" in errors[0] and "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in errors[0]
+        assert "W8A16 per-token matmul" not in bad.stdout  # the stage never ran
+    finally:
+        _kill_cluster(temp_dir)

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from recmix.platform.cli import main
+from recmix.jobs.cli import main
 
 OK_SOURCE = "source: {type: movielens100k, path: /data/ml-100k}\n"
 OK_OUTPUT = "output: {uri: /tmp/recmix-out}\n"

@@ -22,6 +22,7 @@ import time
 import torch
 from pydantic import TypeAdapter
 
+from recmix.jobs.bench.timing import time_cases
 from recmix.models import counters
 from recmix.models.build import build_model
 from recmix.models.moe import SparsePertokenMoE
@@ -47,17 +48,10 @@ def configs(T: int, D: int, L: int, n: float = 2.0) -> dict[str, dict]:
     }
 
 
-def _time(fn, reps: int, warmup: int = 1) -> float:
+def _time(fn, reps: int) -> float:
     """Min CPU seconds of this process per call (single thread): robust to other load on a shared
-    machine, where wall time mostly measures the scheduler."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(reps):   # min over reps: other load only ever adds time
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
+    machine, where wall time mostly measures the scheduler. Timer's block-size estimate is the warm-up."""
+    return time_cases({"fn": fn}, rounds=reps, min_run_time=0.0, num_threads=1, timer=time.process_time)["fn"]
 
 
 def _throughput(cfg_dict: dict, batch: int, reps: int) -> tuple[dict, float]:

@@ -3,14 +3,15 @@
 Full: 4 models x seeds 0, 1, 2 on the evaluation contract (train 80k / valid 10k / test 10k by time),
 early stopping on valid AUC, test scored once with the best epoch; mean and std over seeds of test AUC,
 logloss, warm-user and cold-user AUC, plus paired bootstraps over users (TokenMixer-Large vs RankMixer,
-RankMixer vs DLRM, MoE vs dense) averaged over seeds. Runs go to a pool of `RECMIX_QUALITY_WORKERS`
-(default 2) single-threaded processes.
+RankMixer vs DLRM, MoE vs dense) averaged over seeds. Runs go to a pool of `workers` (default 2)
+single-threaded processes.
 Quick: seed 0, one epoch on the first 4,000 training rows, 2,000 valid/test rows, in-process (a smoke test
 of the same path, not a result).
 
-Dataset: `RECMIX_QUALITY_DATASET` (a prepared dataset URI), default `${RECMIX_ARTIFACTS:-./artifacts}/ml100k`,
-prepared from `examples/prepare-ml100k.yaml`'s source if missing. Point it at a synthetic dataset with the
-same schema to compare on planted interactions. `RECMIX_QUALITY_SEEDS` (default `0,1,2`) overrides the seeds.
+Parameters (`QualityParams`, `recmix bench quality --set key=value`): `dataset` (a prepared dataset URI, default
+`${RECMIX_ARTIFACTS:-./artifacts}/ml100k`), prepared from the raw MovieLens-100K folder `ml100k` (default: the
+`RECMIX_ML100K` environment variable) when it has no manifest; point `dataset` at a synthetic dataset with the
+same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from recmix.platform.bench import BenchReport
+from recmix.platform.errors import RecmixError
+from recmix.platform.specs.bench import QualityParams
 
 MODELS: dict[str, dict] = {
     "dlrm_mlp": dict(arch="dlrm_mlp", hidden=[128, 64]),
@@ -33,20 +36,22 @@ MODELS: dict[str, dict] = {
 PAIRS = [("tokenmixer_large", "rankmixer"), ("rankmixer", "dlrm_mlp"), ("tokenmixer_large_moe_1_2", "tokenmixer_large")]
 
 
-def dataset_uri() -> str:
-    return os.environ.get("RECMIX_QUALITY_DATASET") or os.path.join(os.environ.get("RECMIX_ARTIFACTS", "./artifacts"), "ml100k")
+def dataset_uri(params: QualityParams) -> str:
+    return params.dataset or os.path.join(os.environ.get("RECMIX_ARTIFACTS", "./artifacts"), "ml100k")
 
 
-def _ensure_ml100k(uri: str) -> None:
-    if os.path.exists(os.path.join(uri, "_manifest.json")) or uri.startswith("s3://"):
+def _ensure_dataset(uri: str, params: QualityParams) -> None:
+    if os.path.exists(os.path.join(uri, "_manifest.json")) or "://" in uri:
         return
     from recmix.jobs.prepare import run as prepare
     from recmix.platform.specs.cluster import ClusterConfig
     from recmix.platform.specs.prepare import PrepareSpec
 
-    src = os.environ.get("RECMIX_ML100K", os.path.join(os.path.dirname(__file__), "../../../../shared/data/ml-100k"))
-    prepare(PrepareSpec(kind="prepare", source=dict(type="movielens100k", path=os.path.abspath(src)), output=dict(uri=uri)),
-            ClusterConfig())
+    src = params.ml100k or os.environ.get("RECMIX_ML100K")
+    if not src:
+        raise RecmixError(f"params.dataset: no prepared dataset at '{uri}'; set params.ml100k (--set ml100k=DIR) or the "
+                          "RECMIX_ML100K environment variable to the MovieLens-100K folder to prepare it from")
+    prepare(PrepareSpec(kind="prepare", source=dict(type="movielens100k", path=src), output=dict(uri=uri)), ClusterConfig())
 
 
 def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str):
@@ -75,19 +80,19 @@ def _one(args) -> dict:
             "probs": res.test_probs[:, 0], "labels": splits["test"].labels[:, 0], "users": splits["test"].user_key}
 
 
-def run(quick: bool = False) -> BenchReport:
-    return compare(MODELS, PAIRS, quick, "quality: test split, mean ± std over seeds")
+def run(quick: bool, params: QualityParams) -> BenchReport:
+    return compare(MODELS, PAIRS, quick, params, "quality: test split, mean ± std over seeds")
 
 
-def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, title: str) -> BenchReport:
+def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, params: QualityParams, title: str) -> BenchReport:
     """Train every model config on every seed (process pool), then tabulate and bootstrap the pairs."""
     from recmix.jobs.train.metrics import paired_bootstrap
 
-    uri = dataset_uri()
-    _ensure_ml100k(uri)
-    seeds = [0] if quick else [int(x) for x in os.environ.get("RECMIX_QUALITY_SEEDS", "0,1,2").split(",")]
+    uri = dataset_uri(params)
+    _ensure_dataset(uri, params)
+    seeds = [0] if quick else list(params.seeds)
     jobs = [(n, m, s, quick, uri) for s in seeds for n, m in models.items()]
-    workers = int(os.environ.get("RECMIX_QUALITY_WORKERS", "2"))
+    workers = params.workers
     if quick:   # in-process: spawning workers (each importing torch) costs more than the quick runs
         runs = [_one(j) for j in jobs]
     else:

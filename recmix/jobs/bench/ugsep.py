@@ -6,19 +6,17 @@ same T, D, H, L and weights layout:
   ugsep_1:1     UG-Sep full forward (dedups the request's user, user path once, candidate path C times)
   ugsep_3:1     same at U:G 3:1
   cached_1:1    UG-Sep 1:1 scoring with the user state already computed (`score` only)
-Latency is the median over interleaved repetitions (baseline and variants alternate, so drift hits all
-cases alike); the measured ratio is printed beside the FLOPs ratio (1 - rho) + rho/C (+ IC) from
+Latency: `torch.utils.benchmark.Timer` in interleaved rounds at the process's thread count (baseline and
+variants alternate, so drift hits all cases alike; the figure is the median of the round medians); the measured ratio is printed beside the FLOPs ratio (1 - rho) + rho/C (+ IC) from
 `recmix.models.ugsep_counters`.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from pydantic import TypeAdapter
 
+from recmix.jobs.bench.timing import time_cases
 from recmix.jobs.prepare.builtin import builtin_schema
 from recmix.models.build import build_model
 from recmix.models.toy import toy_batch
@@ -46,7 +44,7 @@ def _request(schema, C: int, seed: int):
 def run(quick: bool) -> BenchReport:
     T, D, L = (16, 64, 2) if quick else (16, 128, 2)
     Cs = [16, 64, 256] if quick else [16, 64, 256, 1024]
-    budget_s = 0.15 if quick else 1.0
+    rounds, min_run_time = (3, 0.05) if quick else (5, 0.2)
     schema = builtin_schema(n_users=943, n_items=1682, history_len=50)
     models = {
         "baseline": _model(schema, T, D, L, {"user_tokens": 0}),
@@ -64,16 +62,7 @@ def run(quick: bool) -> BenchReport:
             state = ug11.encode_user(user)
             calls = {name: (lambda m=m: m(full)) for name, m in models.items()}
             calls["cached_1:1"] = lambda: ug11.score(state, cands, zeros)
-            for fn in calls.values():  # warm-up
-                fn()
-            times = {k: [] for k in calls}
-            t_end = time.perf_counter() + budget_s * len(calls)
-            while time.perf_counter() < t_end or len(times["baseline"]) < 5:
-                for k, fn in calls.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = time_cases(calls, rounds=rounds, min_run_time=min_run_time, num_threads=torch.get_num_threads(), reduce="median")
             for k in calls:
                 ref = models.get(k) or ug11
                 fr = 1.0
@@ -84,14 +73,15 @@ def run(quick: bool) -> BenchReport:
                 ratio = med[k] / med["baseline"]
                 rows.append([C, k, med[k] * 1e3, ratio, fr])
                 results[f"C{C}/{k}"] = {"latency_ms": round(med[k] * 1e3, 4), "ratio_vs_baseline": round(ratio, 4),
-                                        "flops_ratio": round(fr, 4), "reps": len(times[k])}
+                                        "flops_ratio": round(fr, 4)}
     results["target"] = {"C": 256, "case": "ugsep_1:1", "max_ratio": 0.60,
                          "measured": results.get("C256/ugsep_1:1", {}).get("ratio_vs_baseline")}
     return BenchReport(
         title=f"UG-Sep per-request latency, one user + C candidates (T={T}, D={D}, H={T}, L={L}, ffn_mult 4, CPU fp32)",
         columns=["C", "case", "latency ms", "ratio vs baseline", "FLOPs ratio"],
         rows=rows, results=results,
-        config={"T": T, "D": D, "L": L, "threads": torch.get_num_threads(), "candidates": Cs},
+        config={"T": T, "D": D, "L": L, "threads": torch.get_num_threads(), "candidates": Cs, "rounds": rounds,
+                "min_run_time_s": min_run_time, "timer": "torch.utils.benchmark.Timer.blocked_autorange"},
         notes=["FLOPs ratio counts the blocks' per-token matmuls (1 - rho) + rho/C + IC; measured latency also "
                "includes embeddings, tokenizers, heads and the user dedup"],
     )

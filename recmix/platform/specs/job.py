@@ -4,32 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, TypeAdapter, field_validator, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
 from .base import StrictModel
+from .bench import BenchSpec
 from .cluster import ClusterConfig
 from .data import Name
 from .prepare import PrepareSpec
 from .train import TrainSpec
-
-
-class BenchSpec(StrictModel):
-    """`kind: bench`: run a registered benchmark (the same as `recmix bench NAME`)."""
-
-    kind: Literal["bench"]
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    quick: bool = False
-    out: Annotated[str, Field(min_length=1)] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from recmix.platform.bench import registered
-
-        names = registered()
-        if v not in names:
-            raise ValueError(f"unknown benchmark '{v}' (known: {', '.join(sorted(names))})")
-        return v
 
 
 StageSpec = Annotated[Union[PrepareSpec, BenchSpec, TrainSpec], Field(discriminator="kind")]

@@ -1,31 +1,19 @@
 """`recmix` command line: validate, run, schema, bench.
 
-Exit codes: 0 success; 1 the job itself failed; 2 bad input (spec, file, URI, checksum), printed as one
+Exit codes: 0 success; 1 the job itself failed; 2 bad input (spec, file, URI, checksum, flag), printed as one
 line per problem without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+import typing
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional, Sequence
 
 from recmix.platform.errors import RecmixError
-
-# kind -> "module:function(spec, cluster_cfg)"; imported lazily so `validate` and `schema` stay fast.
-RUNNERS = {
-    "prepare": "recmix.jobs.prepare:run",
-    "bench": "recmix.jobs.bench_job:run",
-    "pipeline": "recmix.jobs.pipeline:run",
-    "train": "recmix.jobs.train:run",
-}
-
-
-def runner(kind: str):
-    module, _, fn = RUNNERS[kind].partition(":")
-    return getattr(importlib.import_module(module), fn)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -37,6 +25,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from recmix.jobs.registry import runner
     from recmix.platform.specs.cluster import ClusterConfig
     from recmix.platform.specs.load import load_spec
 
@@ -63,15 +52,64 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from recmix.platform.bench import run_bench
+def _set_values(name: str, pairs: list[str]) -> dict:
+    """`--set key=value` -> params dict; values are YAML scalars, a list field also takes `a,b,c`."""
+    import yaml
 
-    run_bench(args.name, quick=args.quick, out=args.out)
+    from recmix.platform.specs.bench import BENCH_PARAMS
+
+    model = BENCH_PARAMS.get(name)
+    out: dict = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key:
+            raise RecmixError(f"--set {pair!r}: expected key=value")
+        if model is None:
+            continue  # the unknown bench name is reported by the spec, naming it
+        if key not in model.model_fields:
+            known = ", ".join(sorted(model.model_fields)) or "none"
+            raise RecmixError(f"--set {key}: unknown parameter of bench '{name}' (known: {known})")
+        is_list = typing.get_origin(model.model_fields[key].annotation) is list
+        try:
+            value = yaml.safe_load(f"[{raw}]" if is_list and not raw.lstrip().startswith("[") else raw)
+        except yaml.YAMLError:
+            value = raw  # pydantic reports it, naming the field
+        out[key] = value
+    return out
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from recmix.jobs.bench import run_bench
+    from recmix.platform.specs.load import parse_spec
+
+    data = {"kind": "bench", "name": args.name, "quick": args.quick, "params": _set_values(args.name, args.set)}
+    if args.out:
+        data["out"] = args.out
+    run_bench(parse_spec(data, f"recmix bench {args.name}"))
     return 0
+
+
+def _version() -> str:
+    try:
+        return version("recmix")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _bench_epilog() -> str:
+    from recmix.jobs.bench import BENCHES
+    from recmix.platform.specs.bench import BENCH_PARAMS
+
+    lines = ["benchmarks:"]
+    for name, b in BENCHES.items():
+        params = ", ".join(BENCH_PARAMS[name].model_fields)
+        lines.append(f"  {name:<14} {b.description}" + (f" [--set {params}]" if params else ""))
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recmix", description="Industrial-scale ranking models on Ray.")
+    p.add_argument("--version", action="version", version=f"recmix {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check a job spec (YAML or JSON) and report every error")
@@ -88,10 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("kind", nargs="?", help="job kind, e.g. prepare or train")
     s.set_defaults(fn=_cmd_schema)
 
-    b = sub.add_parser("bench", help="run a benchmark; the last line of output is a JSON object")
-    b.add_argument("name", help="benchmark name (datagen, models, ugsep, w8a16, ps, ...)")
+    b = sub.add_parser("bench", help="run a benchmark; the last line of output is a JSON object", epilog=_bench_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("name", help="benchmark name (listed below)")
     b.add_argument("--quick", action="store_true", help="small sizes, within 60 s on 2 cores")
     b.add_argument("--out", help="also write the table and JSON line to this file")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a bench parameter (repeatable), e.g. --set seeds=0,1 --set dataset=./artifacts/synthetic")
     b.set_defaults(fn=_cmd_bench)
     return p
 

@@ -1,0 +1,71 @@
+"""`kind: bench` and the typed parameters of every benchmark, keyed by bench name.
+
+The names live here (not in the jobs layer's registry) so a spec validates without importing any bench;
+tests/unit/test_imports.py checks that `recmix.jobs.registry.BENCHES` has exactly these names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from .base import StrictModel
+
+
+class NoParams(StrictModel):
+    """The bench takes no parameters beyond `quick`."""
+
+
+class QualityParams(StrictModel):
+    """`quality` / `ugsep_quality`: several models trained on one prepared dataset, per seed, test AUC compared."""
+
+    dataset: Optional[Annotated[str, Field(min_length=1)]] = None  # prepared dataset URI; default ${RECMIX_ARTIFACTS:-./artifacts}/ml100k
+    # raw MovieLens-100K folder, prepared into `dataset` when that has no manifest; default: $RECMIX_ML100K
+    ml100k: Optional[Annotated[str, Field(min_length=1)]] = None
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1, max_length=64)  # quick runs seed 0 only
+    workers: Annotated[int, Field(ge=1, le=64)] = 2  # single-threaded training processes (full runs)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds has duplicates: {v}")
+        return v
+
+
+# bench name -> its parameters model
+BENCH_PARAMS: dict[str, type[StrictModel]] = {
+    "datagen": NoParams,
+    "models": NoParams,
+    "ps": NoParams,
+    "quality": QualityParams,
+    "ugsep": NoParams,
+    "ugsep_quality": QualityParams,
+    "w8a16": NoParams,
+}
+BenchParams = Union[QualityParams, NoParams]
+
+
+class BenchSpec(StrictModel):
+    """`kind: bench`: run a registered benchmark (the same as `recmix bench NAME [--set key=value ...]`)."""
+
+    kind: Literal["bench"]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    quick: bool = False
+    out: Annotated[str, Field(min_length=1)] | None = None
+    # validated against BENCH_PARAMS[name]: unknown keys are errors naming `params.<key>`
+    params: BenchParams = Field(default_factory=dict, validate_default=True)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in BENCH_PARAMS:
+            raise ValueError(f"unknown benchmark '{v}' (known: {', '.join(sorted(BENCH_PARAMS))})")
+        return v
+
+    @field_validator("params", mode="wrap")
+    @classmethod
+    def _params_of_name(cls, v, handler, info: ValidationInfo):
+        model = BENCH_PARAMS.get(info.data.get("name", ""), NoParams)
+        return v if type(v) is model else model.model_validate(v.model_dump() if isinstance(v, StrictModel) else v)
