@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from recmix.platform.specs.data import FeatureType, GroupSide
+from recmix.platform.specs.data import GroupSide
 from recmix.platform.specs.model import (DTSICoupling, GlobalToken, MoEPositions, Norm, ResidualMode, SharedExpert,
                                          Tokenizer)
 from recmix.platform.specs.ugsep import GlobalTokenSide, ICMode, ICProj
+
+from .embedding import feature_widths, tables_from_schema
 
 
 @dataclass
@@ -111,10 +113,6 @@ def _heads(d: int, n_tasks: int, hidden) -> Counts:
     return _mlp(d, hidden or max(1, d // 2), 1).scaled(n_tasks)
 
 
-def feature_widths(schema) -> dict[str, int]:
-    return {f.name: (int(f.embedding_dim) if f.type is not FeatureType.dense else f.dim) for f in schema.inputs}
-
-
 def _has_global(cfg) -> bool:
     return getattr(cfg, "global_token", None) is GlobalToken.mlp
 
@@ -145,11 +143,7 @@ def tokenizer(cfg, schema) -> Counts:
 
 
 def embeddings(schema) -> int:
-    seen: dict[str, int] = {}
-    for f in schema.inputs:
-        if f.type is not FeatureType.dense:
-            seen[f.table_name] = f.n_ids * int(f.embedding_dim)
-    return sum(seen.values())
+    return sum(t.n_ids * t.dim for t in tables_from_schema(schema).values())
 
 
 def ugsep_counts(cfg, schema) -> tuple[Counts, Counts]:

@@ -91,10 +91,15 @@ def tables_from_schema(schema) -> dict[str, TableSpec]:
     """One TableSpec per distinct table of a FeatureSchema (features may share a table)."""
     out: dict[str, TableSpec] = {}
     for f in schema.inputs:
-        if f.type.value == "dense":
+        if f.type is FeatureType.dense:
             continue
         out.setdefault(f.table_name, TableSpec(f.table_name, f.n_ids, int(f.embedding_dim), f.hash_buckets is not None))
     return out
+
+
+def feature_widths(schema) -> dict[str, int]:
+    """Width of each input feature's vector: its embedding dim, or a dense feature's own dim."""
+    return {f.name: int(f.embedding_dim) if f.type is not FeatureType.dense else f.dim for f in schema.inputs}
 
 
 class FeatureEncoder(nn.Module):
@@ -109,7 +114,7 @@ class FeatureEncoder(nn.Module):
         self.features = list(schema.inputs)
         self.lookup = lookup
         self.seq_pooling = seq_pooling
-        self.widths = {f.name: int(f.embedding_dim) if f.type is not FeatureType.dense else f.dim for f in self.features}
+        self.widths = feature_widths(schema)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
