@@ -106,7 +106,7 @@ def test_schema_unknown_kind(capsys):
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_validate_examples(example, capsys):
+def test_validate_examples(example, capsys, ml100k_dir):  # ml100k_dir exports RECMIX_ML100K, which examples interpolate
     assert main(["validate", str(example)]) == 0
     assert "valid" in capsys.readouterr().out
 

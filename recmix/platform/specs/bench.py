@@ -64,8 +64,9 @@ class BenchSpec(StrictModel):
             raise ValueError(f"unknown benchmark '{v}' (known: {', '.join(sorted(BENCH_PARAMS))})")
         return v
 
-    @field_validator("params", mode="wrap")
+    @field_validator("params", mode="before")
     @classmethod
-    def _params_of_name(cls, v, handler, info: ValidationInfo):
+    def _params_of_name(cls, v, info: ValidationInfo):
+        # the union alone would pick a branch by shape; the bench name decides (a bad name was reported already)
         model = BENCH_PARAMS.get(info.data.get("name", ""), NoParams)
         return v if type(v) is model else model.model_validate(v.model_dump() if isinstance(v, StrictModel) else v)
