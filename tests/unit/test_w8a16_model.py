@@ -23,7 +23,7 @@ from recmix.models.quantize import (
 from recmix.models.toy import toy_batch, toy_schema
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.model import ModelConfig
-from recmix.platform.specs.w8a16 import Granularity, W8A16Config
+from recmix.platform.specs.w8a16 import Granularity, KernelBackend, W8A16Config
 
 CFG = TypeAdapter(ModelConfig)
 
@@ -215,3 +215,22 @@ def test_config_and_misuse_errors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.pt")
     with pytest.raises(RecmixError, match="not a recmix.w8a16"):
         load_quantized(tml(), str(tmp_path / "plain.pt"))
+
+
+def test_backend_is_fixed_at_build_time_and_replaceable_on_load(tmp_path, monkeypatch):
+    from recmix.kernels import w8a16 as dispatcher
+
+    lin = PerTokenLinear(2, 32, 16, bias=False)
+    model = quantize_model(Holder(lin), config=W8A16Config(backend="reference"))
+    assert model.lin.backend is KernelBackend.reference and "backend=reference" in repr(model.lin)
+    path = tmp_path / "m.pt"
+    export_quantized(model, str(path))
+    assert load_quantized(Holder(PerTokenLinear(2, 32, 16, bias=False)), str(path)).lin.backend is KernelBackend.reference
+    loaded = load_quantized(Holder(PerTokenLinear(2, 32, 16, bias=False)), str(path), backend="cpu")
+    assert loaded.lin.backend is KernelBackend.cpu
+    # a backend that cannot run here fails when the layers are built, not on the first forward
+    monkeypatch.setattr(dispatcher, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="'triton' requested but the triton package is not installed"):
+        quantize_model(Holder(PerTokenLinear(2, 32, 16, bias=False)), backend="triton")
+    with pytest.raises(ValidationError, match="backend"):
+        W8A16Config(backend="cuda")
