@@ -10,9 +10,9 @@ import argparse
 import json
 import sys
 import typing
-from importlib.metadata import PackageNotFoundError, version
 from typing import Optional, Sequence
 
+import recmix
 from recmix.platform.errors import RecmixError
 
 
@@ -89,13 +89,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    try:
-        return version("recmix")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 def _bench_epilog() -> str:
     from recmix.jobs.bench import BENCHES
     from recmix.platform.specs.bench import BENCH_PARAMS
@@ -109,7 +102,7 @@ def _bench_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recmix", description="Industrial-scale ranking models on Ray.")
-    p.add_argument("--version", action="version", version=f"recmix {_version()}")
+    p.add_argument("--version", action="version", version=f"recmix {recmix.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check a job spec (YAML or JSON) and report every error")
