@@ -24,7 +24,7 @@ import re
 from enum import Enum
 from typing import Annotated, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from .base import StrictModel
 
@@ -182,8 +182,17 @@ class StorageConfig(StrictModel):
     region: Annotated[str, Field(min_length=1, max_length=64)] = "us-east-1"
 
 
+def check_path(value: str) -> str:
+    """No NUL or other control characters: the OS would cut the path there (or refuse it mid-run)."""
+    bad = next((c for c in value if ord(c) < 32 or c == "\x7f"), None)
+    if bad is not None:
+        raise ValueError(f"path {value!r} contains the control character {bad!r}")
+    return value
+
+
 def check_uri(value: str) -> str:
     """Local path, file:// or s3://bucket/prefix; other schemes are rejected by name."""
+    check_path(value)
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", value)
     if m and m.group(1) not in ("s3", "file"):
         raise ValueError(f"unsupported URI scheme '{m.group(1)}://' in '{value}' (use a local path, file:// or s3://)")
@@ -195,6 +204,8 @@ def check_uri(value: str) -> str:
 
 
 Uri = Annotated[str, Field(min_length=1, max_length=1024)]
+# A local path or URI read as-is (no scheme check): control characters refused.
+PathStr = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(check_path)]
 
 
 class DatasetConfig(StrictModel):

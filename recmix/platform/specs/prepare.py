@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
-from .data import DatasetConfig, FeatureSchema, StorageConfig, Uri, check_uri
+from .data import DatasetConfig, FeatureSchema, PathStr, StorageConfig, Uri, check_uri
 
 
 class ChecksumPolicy(str, Enum):
@@ -36,7 +36,7 @@ class SplitFractions(StrictModel):
 
 class MovieLensSource(StrictModel):
     type: Literal["movielens100k"]
-    path: Annotated[str, Field(min_length=1)]
+    path: PathStr
     checksums: ChecksumPolicy = ChecksumPolicy.if_present
     history_len: Annotated[int, Field(gt=0, le=1000)] = 50
 
