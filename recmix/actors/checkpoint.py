@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ import ray
 
 from recmix.actors.rows import row_dtype
 from recmix.platform import storage
+from recmix.platform.errors import RecmixError
 from recmix.platform.hashing import HASH_ID, shard_of
 from recmix.platform.specs.data import StorageConfig
 
@@ -74,6 +76,8 @@ def _manifest(fs, base: str, uri: str, dims: dict[str, int], swidth: dict[str, i
     if not _exists(fs, mpath):
         raise ValueError(f"no checkpoint at {uri}: manifest.json is missing (incomplete or never written)")
     m = storage.read_json(fs, mpath)
+    if not isinstance(m, dict):
+        raise RecmixError(f"checkpoint {uri}: manifest.json is not a JSON object")
     if m.get("format") != FORMAT or m.get("hash") != HASH_ID:
         raise ValueError(f"checkpoint {uri} has format {m.get('format')} / hash {m.get('hash')}, "
                          f"expected {FORMAT} / {HASH_ID}")
@@ -81,14 +85,49 @@ def _manifest(fs, base: str, uri: str, dims: dict[str, int], swidth: dict[str, i
         if t in dims and (spec["dim"] != dims[t] or spec["state"] != swidth[t]):
             raise ValueError(f"checkpoint {uri} table '{t}' has dim {spec['dim']} / state {spec['state']}, "
                              f"the shards expect dim {dims[t]} / state {swidth[t]}")
+    _check_files(m, uri)
     return m
+
+
+# The only names `save` writes: a manifest cannot point a restore at any other file (`../x`, `/etc/x`, `a/b`).
+_FILE_RE = re.compile(r"^(rows-[0-9]{1,6}-[A-Za-z_][A-Za-z0-9_]{0,63}\.npz|filter-[0-9]{1,6}-[A-Za-z_][A-Za-z0-9_]{0,63}\.npy)$")
+
+
+def _check_files(m: dict, uri: str) -> None:
+    """The manifest is untrusted input: every entry must name a file that `save` could have written, here."""
+    files = m.get("files")
+    if not isinstance(files, list):
+        raise RecmixError(f"checkpoint {uri}: manifest.json 'files' is not a list")
+    for f in files:
+        name = f.get("file") if isinstance(f, dict) else None
+        if not isinstance(name, str) or not _FILE_RE.match(name):
+            raise RecmixError(f"checkpoint {uri}: manifest.json names the file {name!r}, which is not a checkpoint "
+                              f"file of this folder (rows-<shard>-<table>.npz or filter-<shard>-<table>.npy)")
+        kind = "filter" if f.get("filter") else "rows"
+        if not name.startswith(f"{kind}-{f.get('shard')}-{f.get('table')}."):
+            raise RecmixError(f"checkpoint {uri}: manifest.json entry {name!r} does not match its shard "
+                              f"{f.get('shard')!r} / table {f.get('table')!r}")
+
+
+def _inside(fs, base: str, name: str) -> str:
+    """`base/name`, refused when a local symlink takes it out of the checkpoint folder."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    path = storage.join(base, name)
+    if isinstance(fs, pafs.LocalFileSystem):
+        root = os.path.realpath(base)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise RecmixError(f"checkpoint file {path} resolves outside the checkpoint folder {base}")
+    return path
 
 
 def _files(fs, base: str, m: dict, dims: dict):
     for f in m["files"]:
         if f["table"] not in dims:
             continue
-        data = io.BytesIO(storage.read_bytes(fs, storage.join(base, f["file"])))
+        data = io.BytesIO(storage.read_bytes(fs, _inside(fs, base, f["file"])))
         if f.get("filter"):
             yield f["table"], None, np.load(data)
         else:
