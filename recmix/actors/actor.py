@@ -1,8 +1,8 @@
 """The `EmbeddingShard` Ray actor (a `ShardCore` plus metrics) and the one way shards are created.
 
 Fault tolerance (ray.md 12): shards run with `max_restarts` (default -1: always restart) and
-`max_task_retries=3` for reads; `push` / `push_deltas` are never retried (`max_task_retries=0`):
-a push that was applied but not acknowledged must not be applied twice. A restarted shard reopens its
+`max_task_retries=3` for reads; Ray never retries `push` / `push_deltas` (`max_task_retries=0`): the
+client does (backend.py), re-sending the same request id, which the shard applies once. A restarted shard reopens its
 LMDB environment (same path: the path is fixed at creation, not in the actor) and, when that is empty
 and `restore_from` is set, loads its rows from that checkpoint.
 """
@@ -31,6 +31,8 @@ METRICS_EVERY_S = 1.0
 class EmbeddingShard:
     def __init__(self, cfg: EmbeddingConfig, layout: PSLayout, shard_id: int, root: str):
         from recmix.actors.metrics import ShardMetrics
+
+        self.cfg, self.layout, self.root = cfg, layout, root
 
         self.core = ShardCore(cfg, layout, shard_id, root)
         self.restored_rows = 0
@@ -74,12 +76,19 @@ class EmbeddingShard:
         return {t: (None, ok, st) for t, (_, ok, st) in got.items()}
 
     @ray.method(max_task_retries=0)
-    def push(self, req: dict) -> int:
-        return self._timed("push", self.core.push, req)
+    def push(self, req: dict, request_id: str | None = None) -> int:
+        return self._timed("push", self.core.push, req, request_id)
 
     @ray.method(max_task_retries=0)
-    def push_deltas(self, req: dict) -> int:
-        return self._timed("push", self.core.push_deltas, req)
+    def push_deltas(self, req: dict, request_id: str | None = None) -> int:
+        return self._timed("push", self.core.push_deltas, req, request_id)
+
+    def clear(self, pass_id: int) -> None:
+        self.core.clear(pass_id)
+
+    def describe(self) -> tuple:
+        """(config, layout, LMDB root) of the group this shard belongs to (`group.attach`)."""
+        return self.cfg, self.layout, self.root
 
     def end_pass(self) -> dict:
         out = self.core.end_pass()
@@ -111,6 +120,7 @@ class EmbeddingShard:
     def info(self) -> dict:
         return {"pid": os.getpid(), "pass": self.core.pass_id, "path": self.core.path,
                 "reconstructed": self.reconstructed, "restored_rows": self.restored_rows,
+                "replayed_pushes": self.core.replayed,
                 "lmdb_writes": self.core.lmdb.writes, "lmdb_write_txns": self.core.lmdb.write_txns,
                 "handler_s": dict(self.handler_s)}
 
@@ -146,19 +156,25 @@ def _trim_heap() -> None:
 _LIBC = None
 
 
-def create_shards(cfg: EmbeddingConfig, layout: PSLayout, root: str | None = None) -> tuple[list, str]:
-    """Start the layout's named shard actors; returns (handles, LMDB root). Waits until all are up."""
+def create_shards(cfg: EmbeddingConfig, layout: PSLayout, root: str | None = None,
+                  namespace: str | None = None, detached: bool = False) -> tuple[list, str]:
+    """Start the layout's named shard actors (in `namespace`, default the job's; `detached`: they outlive
+    the creating process); returns (handles, LMDB root). Waits until all are up."""
     root = root or cfg.lmdb_path or tempfile.mkdtemp(prefix=f"recmix-{cfg.name}-")
     handles = []
+    where = f" in namespace '{namespace}'" if namespace else ""
     for i, name in enumerate(layout.shard_names):
         try:
-            ray.get_actor(name)
+            ray.get_actor(name, namespace=namespace)
         except ValueError:
             pass
         else:
-            raise ValueError(f"an embedding shard named '{name}' already exists; choose another embedding.name")
-        handles.append(EmbeddingShard.options(name=name, num_cpus=cfg.num_cpus, max_restarts=cfg.max_restarts,
-                                              max_task_retries=3).remote(cfg, layout, i, root))
+            raise ValueError(f"an embedding shard named '{name}' already exists{where}; choose another embedding.name")
+        opts = dict(name=name, namespace=namespace, num_cpus=cfg.num_cpus, max_restarts=cfg.max_restarts,
+                    max_task_retries=3)
+        if detached:
+            opts["lifetime"] = "detached"
+        handles.append(EmbeddingShard.options(**opts).remote(cfg, layout, i, root))
     ray.get([h.pid.remote() for h in handles])
     return handles, root
 

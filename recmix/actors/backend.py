@@ -5,17 +5,49 @@ routed ({shard: {table: ...}}) and returns per-shard answers. `RayShards` sends 
 shard to the `EmbeddingShard` actors (pull answers through a /dev/shm buffer per shard when the shard
 is on this node); `InProcessShards` calls `ShardCore`s directly, so routing, dedup and scatter are tested
 without Ray.
+
+Pushes carry a request id (`PendingPush.request_id`). `RayShards.wait` re-sends a push whose shard
+failed or was restarting (`RayActorError`, `ActorUnavailableError`) with the same id, a bounded number
+of times; the shard applies each request once (shard.py), so a retry never doubles an update.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from recmix.actors import shm
 from recmix.actors.layout import PSLayout
+from recmix.platform.errors import RecmixError
+
+PUSH_ATTEMPTS = 8           # sends of one push request before PushError (restarts take 0.2-1 s, ray.md 12)
+PUSH_DEADLINE_S = 120.0     # ... and at most this long after the first failure
+
+
+@dataclass
+class PendingPush:
+    """One shard's part of a push: what was sent, what it must update, and its in-flight result."""
+
+    shard: int
+    method: str             # push or push_deltas
+    req: dict
+    request_id: str
+    expect: int             # unique rows the shard must report as updated
+    result: Any = None      # Ray ObjectRef, or the count (in process)
+
+
+class PushError(RecmixError):
+    """A push was not applied on every shard. `pending` holds the parts not known to be applied
+    (their shards failed past the retries); `client.wait(err.pending)` re-sends them with the same
+    request ids, which the shards apply once. The other shards' parts are applied."""
+
+    def __init__(self, msg: str, pending: list[PendingPush]):
+        super().__init__(msg)
+        self.pending = pending
 
 
 class ShardBackend(Protocol):
@@ -25,14 +57,14 @@ class ShardBackend(Protocol):
         """{shard: {table: sorted unique ids}} -> {shard: {table: (values [n, E], admitted [n], state)}};
         values may view a transfer buffer that the next pull overwrites."""
 
-    def push(self, method: str, per_shard: dict[int, dict]) -> list:
-        """`push` or `push_deltas` per shard, concurrently; returns pending results for `wait`."""
+    def push(self, pending: list[PendingPush]) -> list[PendingPush]:
+        """Send each shard's part (`push` or `push_deltas` with its request id), concurrently."""
 
-    def wait(self, pending: list) -> int:
-        """Wait for pending pushes (their errors surface here); returns the rows they updated."""
+    def wait(self, pending: list[PendingPush]) -> list[int]:
+        """Rows each part updated, in order; a part whose shard keeps failing raises `PushError`."""
 
-    def each(self, method: str) -> list:
-        """Call a no-argument shard method on every shard (end_pass, flush, counts), in shard order."""
+    def each(self, method: str, *args) -> list:
+        """Call a shard method on every shard (end_pass, flush, counts, clear), in shard order."""
 
     def close(self) -> None:
         """Release client-side resources (transfer buffers); the shards keep running."""
@@ -50,14 +82,16 @@ class InProcessShards:
     def pull(self, per_shard: dict[int, dict], with_state: bool) -> dict[int, dict]:
         return {s: self.shards[s].pull(req, with_state) for s, req in per_shard.items()}
 
-    def push(self, method: str, per_shard: dict[int, dict]) -> list:
-        return [getattr(self.shards[s], method)(req) for s, req in per_shard.items()]
+    def push(self, pending: list[PendingPush]) -> list[PendingPush]:
+        for p in pending:
+            p.result = getattr(self.shards[p.shard], p.method)(p.req, p.request_id)
+        return pending
 
-    def wait(self, pending: list) -> int:
-        return sum(pending)
+    def wait(self, pending: list[PendingPush]) -> list[int]:
+        return [p.result for p in pending]
 
-    def each(self, method: str) -> list:
-        return [getattr(c, method)() for c in self.shards]
+    def each(self, method: str, *args) -> list:
+        return [getattr(c, method)(*args) for c in self.shards]
 
     def close(self) -> None:
         pass
@@ -111,18 +145,47 @@ class RayShards:
         out.update(zip(plain_refs.keys(), ray.get(list(plain_refs.values()))))
         return out
 
-    def push(self, method: str, per_shard: dict[int, dict]) -> list:
-        return [getattr(self.shards[s], method).remote(req) for s, req in per_shard.items()]
+    def _send(self, p: PendingPush) -> None:
+        p.result = getattr(self.shards[p.shard], p.method).remote(p.req, p.request_id)
 
-    def wait(self, pending: list) -> int:
+    def push(self, pending: list[PendingPush]) -> list[PendingPush]:
+        for p in pending:
+            self._send(p)
+        return pending
+
+    def wait(self, pending: list[PendingPush]) -> list[int]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        counts: list = [None] * len(pending)
+        todo, attempt, deadline = list(range(len(pending))), 1, None
+        while True:
+            failed = {}
+            for i in todo:
+                try:
+                    counts[i] = ray.get(pending[i].result)
+                except RayActorError as e:   # died, or restarting (ActorUnavailableError): maybe not applied
+                    failed[i] = e
+            if not failed:
+                return counts
+            deadline = deadline or time.monotonic() + PUSH_DEADLINE_S
+            if attempt >= PUSH_ATTEMPTS or time.monotonic() > deadline:
+                e = next(iter(failed.values()))
+                bad = [pending[i] for i in failed]
+                first = (str(e).splitlines() or [""])[0]
+                raise PushError(f"push to embedding shard(s) {sorted({p.shard for p in bad})} not applied after "
+                                f"{attempt} attempts ({type(e).__name__}: {first}); the other shards applied "
+                                f"theirs; client.wait(err.pending) re-sends the rest", bad)
+            time.sleep(min(0.05 * 2 ** attempt, 1.0))
+            attempt += 1
+            todo = list(failed)
+            for i in todo:
+                self._send(pending[i])
+
+    def each(self, method: str, *args) -> list:
         import ray
 
-        return sum(ray.get(pending)) if pending else 0
-
-    def each(self, method: str) -> list:
-        import ray
-
-        return ray.get([getattr(s, method).remote() for s in self.shards])
+        return ray.get([getattr(s, method).remote(*args) for s in self.shards])
 
     def close(self) -> None:
         for b in self.buffers:

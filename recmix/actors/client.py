@@ -5,15 +5,20 @@ be re-sharded from a checkpoint. Per table the client keeps the sorted unique id
 each shard its slice (already sorted and unique, so the shard skips its own dedup), and scatters the
 answers back. The calls go through a `ShardBackend` (backend.py): Ray actors, or `ShardCore`s in
 this process for tests.
+
+Pushes apply to every row they name or raise: each shard's part carries a request id and the number
+of unique rows it must update; `wait` checks the counts the shards return (a shard re-creates a row
+that a restart lost, shard.py) and raises `PushError` when a shard did not apply its part.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
-from recmix.actors.backend import ShardBackend
+from recmix.actors.backend import PendingPush, PushError, ShardBackend
 from recmix.actors.layout import PSLayout
 from recmix.actors.rows import segment_sum
 from recmix.platform.hashing import shard_of
@@ -114,7 +119,7 @@ class PSClient:
 
     # ---- pushes --------------------------------------------------------------------------------
     def _push(self, method: str, batch: dict, wait: bool):
-        per_shard = {}
+        per_shard: dict[int, dict] = {}
         for table, (ids, *arrays) in batch.items():
             flat = check_batch_ids(self.layout.check(table), ids)
             widths = (self.dims[table], self.swidth[table])[:len(arrays)]
@@ -126,21 +131,35 @@ class PSClient:
             cuts = np.cumsum(widths)[:-1]
             for s, pos in self._split(table, u):
                 per_shard.setdefault(s, {})[table] = (u[pos], *np.split(x[pos], cuts, axis=1))
-        pending = self.backend.push(method, per_shard)
-        return self.backend.wait(pending) if wait else pending
+        rid = uuid.uuid4().hex
+        pending = self.backend.push([
+            PendingPush(s, method, req, f"{rid}-{s}", sum(v[0].shape[0] for v in req.values()))
+            for s, req in per_shard.items()])
+        return self.wait(pending) if wait else pending
 
     def push(self, batch: dict[str, tuple[np.ndarray, np.ndarray]], wait: bool = True):
         """{table: (ids [N], grads [N, E])}: duplicates summed here and on the shard, optimizer on the shard.
-        Returns the number of rows updated (wait=True) or the pending results to pass to `wait`."""
+        Every id must be one a pull returned as admitted: the push updates each of them (re-creating a
+        row that a shard restart lost). Returns the number of unique rows updated (wait=True) or the
+        pending parts to pass to `wait`."""
         return self._push("push", batch, wait)
 
     def push_deltas(self, batch: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], wait: bool = True):
-        """{table: (ids, dvalues [N, E], dstate [N, S])}: working-set deltas at pass end."""
+        """{table: (ids, dvalues [N, E], dstate [N, S])}: working-set deltas at pass end (rows as in `push`)."""
         return self._push("push_deltas", batch, wait)
 
-    def wait(self, pending: list) -> int:
-        """Wait for pushes sent with wait=False; returns the rows they updated."""
-        return self.backend.wait(pending) if pending else 0
+    def wait(self, pending: list[PendingPush]) -> int:
+        """Wait for pushes sent with wait=False (retrying shards that restart); returns the rows they
+        updated. Raises `PushError` when a shard did not apply its part: its `pending` may be passed
+        here again (same request ids: applied once)."""
+        if not pending:
+            return 0
+        counts = self.backend.wait(pending)
+        short = [(p, c) for p, c in zip(pending, counts) if c != p.expect]
+        if short:
+            raise PushError("push not applied to every row: " + ", ".join(
+                f"shard {p.shard} updated {c} of {p.expect}" for p, c in short), [p for p, _ in short])
+        return sum(counts)
 
     # ---- control -------------------------------------------------------------------------------
     def end_pass(self) -> list[dict]:
@@ -151,6 +170,11 @@ class PSClient:
 
     def counts(self) -> list[dict]:
         return self.backend.each("counts")
+
+    def clear(self, pass_id: int = 0) -> None:
+        """Remove every row of every shard (both tiers) and the admission counters; set the pass
+        counter. Only while no worker pushes (exact snapshot restores, `snapshot.py`)."""
+        self.backend.each("clear", pass_id)
 
     def close(self) -> None:
         """Release the client's transfer buffers (the shards are not touched)."""

@@ -1,4 +1,5 @@
-"""The LMDB tier (T2) of one shard: one environment, one named database per table, a `_meta` database.
+"""The LMDB tier (T2) of one shard: one environment, one named database per table, a `_meta` database
+and a `_reqs` database (push request ids -> progress, so a retried push is applied once, shard.py).
 
 Every access is batched: `getmulti` for reads, one sorted `putmulti` write transaction per flush
 (storage.md 2.4, invariant 12). Keys are 8-byte big-endian ids, values packed rows (rows.py). From
@@ -28,11 +29,12 @@ class LmdbTier:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.sync = sync
-        self.env = lmdb.open(path, map_size=map_size, max_dbs=len(tables) + 1, sync=sync, metasync=sync,
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=len(tables) + 2, sync=sync, metasync=sync,
                              readahead=False)
         self.dtypes = dict(tables)
         self.dbs = {t: self.env.open_db(t.encode()) for t in tables}
         self.meta = self.env.open_db(b"_meta")
+        self.reqs = self.env.open_db(b"_reqs")
         self.writes = 0          # rows written, for tests of "clean rows are never rewritten"
         self.write_txns = 0
 
@@ -59,9 +61,10 @@ class LmdbTier:
             found[np.searchsorted(ids, np.concatenate(keys))] = True
         return found, out[:n]
 
-    def put(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
-        """One write transaction, keys in ascending order (sequential in the B-tree)."""
-        if ids.shape[0] == 0:
+    def put(self, table: str, ids: np.ndarray, rows: np.ndarray, mark: tuple[bytes, bytes] | None = None) -> None:
+        """One write transaction, keys in ascending order (sequential in the B-tree). `mark` (request id,
+        progress) is written to `_reqs` in the same transaction: rows and progress commit together."""
+        if ids.shape[0] == 0 and mark is None:
             return
         order = np.argsort(ids, kind="stable")
         ids, rows = ids[order], rows[order]
@@ -69,8 +72,27 @@ class LmdbTier:
             cur = txn.cursor()
             for lo in range(0, ids.shape[0], IO_CHUNK):             # one transaction, bounded temporaries
                 cur.putmulti(zip(keys_of(ids[lo:lo + IO_CHUNK]), values_of(rows[lo:lo + IO_CHUNK])))
+            if mark is not None:
+                txn.put(mark[0], mark[1], db=self.reqs)
         self.writes += ids.shape[0]
         self.write_txns += 1
+
+    def get_request(self, rid: bytes) -> bytes | None:
+        with self.env.begin(db=self.reqs) as txn:
+            return txn.get(rid)
+
+    def prune_requests(self, keep) -> int:
+        """Delete request records for which keep(value) is False (periodic, at pass ends)."""
+        with self.env.begin(write=True, db=self.reqs) as txn:
+            old = [k for k, v in txn.cursor() if not keep(v)]
+            for k in old:
+                txn.delete(k)
+        return len(old)
+
+    def clear(self, table: str) -> None:
+        """Remove every row of a table (exact snapshot restores)."""
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.dbs[table], delete=False)
 
     def delete(self, table: str, ids: np.ndarray) -> int:
         """Expiry only (periodic): LMDB has no batched delete, so this is one C call per key in one txn."""

@@ -4,6 +4,11 @@
   (index_add_) and pushes it; the shard runs the row-wise optimizer (storage.md 2.2 `push_gradients`).
 * `pass` mode: `begin_pass(ids)` pulls the pass's working set onto `device`; lookups gather from it;
   backward applies the row-wise optimizer to the working set in place; `end_pass()` pushes deltas.
+  `prefetch_pass(ids)` pulls the next pass in the background; `run_passes` drives both modes.
+
+Data parallelism: with N workers, DDP averages the dense gradients over the workers; `grad_scale`
+(1 / world size) scales the sparse gradients the same way, so that the pushes of N workers on their
+parts of a global batch sum to the gradient of the global batch's mean loss (docs/parameter-server.md).
 
 The sparse rows are not module parameters: their optimizer runs inside backward (as fused TBE
 kernels do), so the dense optimizer never sees them. Legend: N ids in the batch, U unique ids, E dim.
@@ -12,6 +17,7 @@ kernels do), so the dense optimizer never sees them. Legend: N ids in the batch,
 from __future__ import annotations
 
 from enum import Enum
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -48,16 +54,24 @@ class LookupMode(str, Enum):
 
 
 class PSEmbeddingLookup(EmbeddingLookup):
-    """`hbm_rows`: most rows a pass working set may hold (pass mode)."""
+    """The model's sparse tables in parameter-server shards.
+
+    `hbm_rows`: most rows a pass working set may hold (pass mode). `grad_scale`: factor on every sparse
+    gradient before it is pushed or applied; 1 / world_size under DDP (`grad_scale_for`). `owns_shards`:
+    `close()` stops the shards (a lookup from `build_lookup`); an attached lookup never does."""
 
     def __init__(self, tables: dict[str, TableSpec], client: PSClient, optimizer,
-                 mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20, device: torch.device | str = "cpu"):
+                 mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20, device: torch.device | str = "cpu",
+                 grad_scale: float = 1.0, owns_shards: bool = False):
         super().__init__(tables)
         assert set(tables) == set(client.dims), (sorted(tables), sorted(client.dims))
         if hbm_rows < 1:
             raise ValueError(f"hbm_rows must be at least 1, got {hbm_rows}")
+        if not (np.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a positive finite number, got {grad_scale}")
         self.client, self.mode = client, LookupMode(mode)
         self.device = torch.device(device)
+        self.grad_scale, self.owns_shards = float(grad_scale), owns_shards
         self.ws = WorkingSet(client, optimizer, hbm_rows, self.device)
         self.pending: list = []
 
@@ -76,7 +90,7 @@ class PSEmbeddingLookup(EmbeddingLookup):
         else:
             self.wait()
             p = self.client.pull_unique({table: flat}, copy=False)[table]
-            inv, key = p.inverse, p.ids
+            inv, key = p.inverse, (p.ids, np.array(p.admitted))
             rows_UE = torch.from_numpy(np.array(p.values)).to(self.device)
         anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
         inv_N = torch.from_numpy(inv.reshape(-1).astype(np.int64)).to(self.device)
@@ -84,38 +98,98 @@ class PSEmbeddingLookup(EmbeddingLookup):
         return out.reshape(*shape, e)
 
     def _gradient(self, table: str, key, g_UE: torch.Tensor) -> None:
+        if self.grad_scale != 1.0:
+            g_UE = g_UE * self.grad_scale
         if self.mode is LookupMode.pass_:
             self.ws.apply(table, key, g_UE)
-        else:
-            self.pending += self.client.push({table: (key, g_UE.detach().cpu().numpy())}, wait=False)
+            return
+        ids, admitted = key                  # rows not admitted take no update: they are not pushed
+        g = g_UE.detach().cpu().numpy()
+        if not admitted.all():
+            ids, g = ids[admitted], g[admitted]
+        if ids.shape[0]:
+            self.pending += self.client.push({table: (ids, g)}, wait=False)
 
     def wait(self) -> int:
         """Wait for the pushes sent by backward (their errors surface here)."""
         pending, self.pending = self.pending, []
         return self.client.wait(pending)
 
-    def begin_pass(self, ids_by_table: dict[str, np.ndarray | torch.Tensor]) -> int:
-        if self.mode is not LookupMode.pass_:
-            raise ValueError("begin_pass() needs a lookup built with mode 'pass'")
-        return self.ws.begin({t: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for t, v in ids_by_table.items()})
+    def prefetch_pass(self, ids_by_table: dict[str, np.ndarray | torch.Tensor]) -> None:
+        """Pass mode: start pulling the next pass's rows in the background; `begin_pass()` (no ids)
+        then opens it. Issued while a pass trains, its pull overlaps the training (double buffering)."""
+        self._need_pass("prefetch_pass")
+        self.ws.prefetch(_numpy_ids(ids_by_table))
+
+    def begin_pass(self, ids_by_table: dict[str, np.ndarray | torch.Tensor] | None = None) -> int:
+        """Pass mode: open a pass over every id it will look up ({table: ids}), or over the ids given to
+        `prefetch_pass` when None; returns the number of unique rows in its working set."""
+        self._need_pass("begin_pass")
+        return self.ws.begin(None if ids_by_table is None else _numpy_ids(ids_by_table))
 
     def end_pass(self) -> list[dict]:
+        """Close the pass: pass mode pushes the working set's deltas; batch mode waits for its pushes.
+        Then every shard advances its pass counter, flushes and runs expiry."""
         if self.mode is LookupMode.pass_:
             return self.ws.end()
         self.wait()
         return self.client.end_pass()
 
+    def _need_pass(self, what: str) -> None:
+        if self.mode is not LookupMode.pass_:
+            raise ValueError(f"{what}() needs a lookup built with mode 'pass'")
+
     def close(self) -> None:
-        """Stop the shards behind this lookup (their LMDB files stay)."""
+        """Wait for pushes and release the client; stop the shards only if this lookup owns them."""
         self.wait()
+        if self.ws.next is not None:
+            self.ws.next.thread.join()
         self.client.close()
-        self.client.backend.stop()
+        if self.owns_shards:
+            self.client.backend.stop()
+
+
+def _numpy_ids(ids_by_table) -> dict[str, np.ndarray]:
+    return {t: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for t, v in ids_by_table.items()}
+
+
+def grad_scale_for(world_size: int) -> float:
+    """The `grad_scale` that matches DDP's gradient averaging over `world_size` workers."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    return 1.0 / world_size
+
+
+T = TypeVar("T")
+
+
+def run_passes(lookup: PSEmbeddingLookup, passes: Iterable[tuple[dict, T]]) -> Iterator[T]:
+    """Drive a lookup over passes: `passes` yields (ids_by_table of the whole pass, payload), e.g. the
+    pass's batches. Each payload is yielded while its pass is open; in pass mode the next pass is
+    prefetched as soon as this one opens (its pull overlaps training), and the pass is closed
+    (`end_pass`) when the consumer asks for the next payload. Batch mode just closes each pass."""
+    it = iter(passes)
+    cur = next(it, None)
+    if cur is not None and lookup.mode is LookupMode.pass_:
+        lookup.prefetch_pass(cur[0])
+    while cur is not None:
+        if lookup.mode is LookupMode.pass_:
+            lookup.begin_pass()
+        nxt = next(it, None)
+        if nxt is not None and lookup.mode is LookupMode.pass_:
+            lookup.prefetch_pass(nxt[0])
+        yield cur[1]
+        lookup.end_pass()
+        cur = nxt
 
 
 def build_lookup(cfg: EmbeddingConfig, tables: dict[str, TableSpec], device: torch.device | str = "cpu",
-                 mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20) -> PSEmbeddingLookup:
-    """Start the shard actors for the model's tables (from `tables_from_schema`) and return the lookup."""
+                 mode: LookupMode = LookupMode.batch, hbm_rows: int = 1 << 20,
+                 grad_scale: float = 1.0) -> PSEmbeddingLookup:
+    """Start the shard actors for the model's tables (from `tables_from_schema`) and return a lookup
+    that owns them (`close()` stops them). For shards shared by several workers see `group.py`."""
     from recmix.actors.actor import create_client
 
     client = create_client(cfg, {name: t.dim for name, t in tables.items()})
-    return PSEmbeddingLookup(tables, client, cfg.optimizer, mode=mode, hbm_rows=hbm_rows, device=device)
+    return PSEmbeddingLookup(tables, client, cfg.optimizer, mode=mode, hbm_rows=hbm_rows, device=device,
+                             grad_scale=grad_scale, owns_shards=True)

@@ -7,12 +7,19 @@ completely before anything changes, so bad input leaves the shard as it was.
 Tier rules (storage.md 2.5): a DIRTY RAM row is authoritative, otherwise LMDB is; promotion copies;
 demotion of a clean row only frees its slot; dirty rows reach LMDB on eviction, at pass end, on flush
 (checkpoints) or, with `durability: write_through`, before a push is acknowledged.
+
+Pushes (issue 14): a push names rows that the caller pulled as admitted, so it applies to every one of
+them: a row that is missing was lost by a restart before it reached LMDB (created by a pull, never
+updated) and is re-created from its deterministic initializer before the update. A push may carry a
+request id; the shard records its progress (per table chunk, in the same LMDB transaction as the rows
+with `write_through`), so a push retried after a crash applies each chunk exactly once.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -25,7 +32,9 @@ from recmix.actors.rows import check_ids, check_rows, init_values, segment_sum
 from recmix.platform.specs.embedding import Durability, EmbeddingConfig, Eviction, ExpiryOff, ExpiryPasses
 
 STAT_KEYS = ("ram_hits", "lmdb_hits", "misses", "admitted", "rejected", "evicted", "written", "expired",
-             "pulled", "pushed")
+             "pulled", "pushed", "recreated")
+REQUESTS_KEPT = 4096          # recent push request ids remembered in RAM
+REQUEST_TTL_S = 3600.0        # ... and in LMDB (write_through), pruned at pass ends; retries take seconds
 
 
 def _sorted_unique(ids: np.ndarray) -> bool:
@@ -48,6 +57,8 @@ class ShardCore:
         self.tick = 0
         self.stats = {t: dict.fromkeys(STAT_KEYS, 0) for t in self.dims}
         self.flush_seen = not isinstance(cfg.expiry, ExpiryOff)   # keep LMDB sighting meta current for expiry
+        self.requests: OrderedDict[str, tuple[int, int]] = OrderedDict()   # request id -> (chunks done, rows)
+        self.replayed = 0         # pushes answered from the request record (retries of applied pushes)
 
     # ---- validation --------------------------------------------------------------------------
     def _table(self, table) -> str:
@@ -99,8 +110,9 @@ class ShardCore:
         ram.remove(slots)
         self.stats[table]["evicted"] += int(slots.shape[0])
 
-    def _resolve(self, table: str, u: np.ndarray, admit: bool, now: float, count: bool) -> np.ndarray:
-        """Slots of sorted unique ids u (-1 = not stored and not admitted); promotes and creates rows."""
+    def _resolve(self, table: str, u: np.ndarray, force: bool, now: float, count: bool) -> np.ndarray:
+        """Slots of sorted unique ids u (-1 = not stored and not admitted); promotes and creates rows.
+        force: create every missing row without asking admission (pushes: the caller saw it admitted)."""
         ram, st = self.ram[table], self.stats[table]
         slots = ram.lookup(u)
         hit = slots >= 0
@@ -114,9 +126,13 @@ class ShardCore:
         st["lmdb_hits"] += int(found.shape[0] and found.sum())
         absent = np.flatnonzero(~found)
         st["misses"] += int(absent.shape[0])
-        new = absent[self.admission.admit(table, mids[absent])] if admit else absent[:0]
-        st["admitted"] += int(new.shape[0])
-        st["rejected"] += int(absent.shape[0] - new.shape[0])
+        if force:
+            new = absent
+            st["recreated"] += int(new.shape[0])
+        else:
+            new = absent[self.admission.admit(table, mids[absent])]
+            st["admitted"] += int(new.shape[0])
+            st["rejected"] += int(absent.shape[0] - new.shape[0])
         self._make_room(int(found.sum()) + new.shape[0])
         if frows.shape[0]:
             slots[miss[found]] = ram.add(mids[found], frows, np.uint8(0))
@@ -147,7 +163,7 @@ class ShardCore:
             parts = self._chunks(u.shape[0])
             if len(parts) == 1:
                 self.tick += 1
-                slots = self._resolve(table, u, admit=True, now=now, count=True)
+                slots = self._resolve(table, u, force=False, now=now, count=True)
                 ok = slots >= 0
                 if ok.all():
                     if out is not None and table in out and inv is None:
@@ -163,7 +179,7 @@ class ShardCore:
                 ok = np.empty(u.shape[0], bool)
                 for sl in parts:
                     self.tick += 1
-                    slots = self._resolve(table, u[sl], admit=True, now=now, count=True)
+                    slots = self._resolve(table, u[sl], force=False, now=now, count=True)
                     ok[sl] = slots >= 0
                     v, st = self._gather(table, slots, ok[sl], with_state)
                     vals[sl] = v
@@ -190,47 +206,76 @@ class ShardCore:
             state[ok] = ram.state[slots[ok]]
         return vals, state
 
-    def push(self, req: dict) -> int:
-        """{table: (ids, grads [n, E])}: sum duplicates, run the row-wise optimizer on stored rows."""
+    def push(self, req: dict, request_id: str | None = None) -> int:
+        """{table: (ids, grads [n, E])}: sum duplicates, run the row-wise optimizer on every row (missing
+        rows re-created first). Returns the number of unique rows updated; with a `request_id` seen
+        before, only the chunks not yet applied are applied (retries after a crash)."""
         checked = {}
         for table, (ids, grads) in req.items():
             ids = check_ids(self._table(table), ids)
             checked[table] = segment_sum(ids, check_rows(table, "gradients", grads, ids.shape[0], self.dims[table]))
-        return self._update(checked, lambda w, s, g: optim.apply(self.cfg.optimizer, w, s, g))
+        return self._update(checked, lambda w, s, g: optim.apply(self.cfg.optimizer, w, s, g), request_id)
 
-    def push_deltas(self, req: dict) -> int:
-        """{table: (ids, dvalues [n, E], dstate [n, S])}: add working-set deltas (pass mode, storage.md 2.2)."""
+    def push_deltas(self, req: dict, request_id: str | None = None) -> int:
+        """{table: (ids, dvalues [n, E], dstate [n, S])}: add working-set deltas (pass mode, storage.md 2.2);
+        rows, counts and request ids as in `push`."""
         checked = {}
         for table, (ids, dv, ds) in req.items():
             ids = check_ids(self._table(table), ids)
             dv = check_rows(table, "value deltas", dv, ids.shape[0], self.dims[table])
             ds = check_rows(table, "state deltas", ds, ids.shape[0], self.swidth[table])
             checked[table] = segment_sum(ids, np.concatenate([dv, ds], axis=1))
-        return self._update(checked, lambda w, s, d: (w + d[:, :w.shape[1]], s + d[:, w.shape[1]:]))
+        return self._update(checked, lambda w, s, d: (w + d[:, :w.shape[1]], s + d[:, w.shape[1]:]), request_id)
 
-    def _update(self, checked: dict, step) -> int:
+    def _progress(self, request_id: str | None) -> tuple[int, int]:
+        """(chunks applied, rows applied) of a push request seen before; (0, 0) for a new one."""
+        if request_id is None:
+            return 0, 0
+        got = self.requests.get(request_id)
+        if got is None and self.durable:
+            raw = self.lmdb.get_request(request_id.encode())
+            if raw is not None:
+                done, rows, _ = raw.decode().split(",")
+                got = (int(done), int(rows))
+        return got or (0, 0)
+
+    def _record(self, request_id: str, done: int, rows: int) -> None:
+        self.requests[request_id] = (done, rows)
+        self.requests.move_to_end(request_id)
+        while len(self.requests) > REQUESTS_KEPT:
+            self.requests.popitem(last=False)
+
+    def _update(self, checked: dict, step, request_id: str | None) -> int:
         now = time.time()
-        applied = 0
-        for table, (u_all, x_all) in checked.items():
+        units = [(t, sl) for t, (u, _) in checked.items() for sl in self._chunks(u.shape[0])]
+        done, applied = self._progress(request_id)
+        if done:
+            self.replayed += 1
+        for k, (table, sl) in enumerate(units):
+            if k < done:
+                continue                                   # applied before a crash (retried request)
+            u_all, x_all = checked[table]
             ram = self.ram[table]
-            for sl in self._chunks(u_all.shape[0]):
-                self.tick += 1
-                slots = self._resolve(table, u_all[sl], admit=False, now=now, count=False)
-                ok = slots >= 0
-                s = slots[ok]
-                w, st = step(ram.values[s], ram.state[s], x_all[sl][ok])
-                ram.values[s] = w
-                ram.state[s] = st
-                ram.flags[s] |= DIRTY
-                if self.durable:
-                    self._write(table, s)
-                applied += int(s.shape[0])
-                self.stats[table]["pushed"] += int(s.shape[0])
+            self.tick += 1
+            s = self._resolve(table, u_all[sl], force=True, now=now, count=False)
+            assert (s >= 0).all(), "forced resolve left a row without a slot"
+            w, st = step(ram.values[s], ram.state[s], x_all[sl])
+            ram.values[s] = w
+            ram.state[s] = st
+            ram.flags[s] |= DIRTY
+            applied += int(s.shape[0])
+            self.stats[table]["pushed"] += int(s.shape[0])
+            mark = None
+            if request_id is not None:
+                self._record(request_id, k + 1, applied)
+                mark = (request_id.encode(), f"{k + 1},{applied},{now}".encode())
+            if self.durable:
+                self._write(table, s, mark)                # rows and progress in one transaction
         return applied
 
-    def _write(self, table: str, slots: np.ndarray) -> None:
+    def _write(self, table: str, slots: np.ndarray, mark: tuple[bytes, bytes] | None = None) -> None:
         ram = self.ram[table]
-        self.lmdb.put(table, ram.ids[slots], ram.export(slots))
+        self.lmdb.put(table, ram.ids[slots], ram.export(slots), mark)
         ram.flags[slots] = 0
         self.stats[table]["written"] += int(slots.shape[0])
 
@@ -251,7 +296,20 @@ class ShardCore:
         self.pass_id += 1
         self.flush()
         self.lmdb.put_meta("pass", self.pass_id)
+        if self.durable:
+            old = time.time() - REQUEST_TTL_S
+            self.lmdb.prune_requests(lambda v: float(v.split(b",")[2]) >= old)
         return {"pass": self.pass_id, "expired": self.expire()}
+
+    def clear(self, pass_id: int) -> None:
+        """Remove every row (both tiers) and the admission counters, and set the pass counter: the
+        state before an exact snapshot restore."""
+        for table, ram in self.ram.items():
+            ram.remove(ram.used())
+            self.lmdb.clear(table)
+        self.admission = Admission(self.cfg.admission, self.cfg.seed, self.shard_id)
+        self.pass_id = int(pass_id)
+        self.lmdb.put_meta("pass", self.pass_id)
 
     def expire(self) -> int:
         cfg = self.cfg.expiry

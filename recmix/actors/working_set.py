@@ -6,11 +6,20 @@ Lookups map ids to working-set rows with np.searchsorted over the sorted pass id
 optimizer runs in place on the working set; `end` pushes (new - old) deltas of the touched, admitted
 rows and closes the pass on every shard.
 
+Double buffering: `prefetch(ids)` pulls the next pass in a background thread while the current one
+trains. Rows that the current pass then updates were pulled too early; `end` records the current
+pass's final values of its touched rows and `begin` patches them into the prefetched set, so with one
+worker the next pass starts from exactly the rows a synchronous pull would give. (With several
+workers, updates that other workers push meanwhile reach this worker one pass later, as with any
+`replicated_async` pass.) `end` waits for the prefetch before pushing, so a client never has two
+requests on a shard at once.
+
 Legend: W working-set rows, E embedding dim, S optimizer state width, U unique ids of a step.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,28 +40,70 @@ class _TableSet:
     touched_W: torch.Tensor
 
 
+class _Prefetch:
+    """A background pull of the next pass; `patches` collects rows of passes that ended meanwhile."""
+
+    def __init__(self, client: PSClient, ids_by_table: dict[str, np.ndarray]):
+        self.got, self.error = None, None
+        self.patches: list[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+        self.thread = threading.Thread(target=self._run, args=(client, ids_by_table), daemon=True,
+                                       name="recmix-ps-prefetch")
+        self.thread.start()
+
+    def _run(self, client, ids_by_table):
+        try:
+            self.got = client.pull_unique(ids_by_table, with_state=True, copy=True)
+        except BaseException as e:  # re-raised in the training thread by result()
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.got
+
+
 class WorkingSet:
     def __init__(self, client: PSClient, optimizer, max_rows: int, device: torch.device | str = "cpu"):
         self.client, self.optimizer, self.max_rows = client, optimizer, max_rows
         self.device = torch.device(device)
         self.sets: dict[str, _TableSet] = {}
+        self.next: _Prefetch | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.sets)
 
-    def begin(self, ids_by_table: dict[str, np.ndarray]) -> int:
+    def prefetch(self, ids_by_table: dict[str, np.ndarray]) -> None:
+        """Start pulling the next pass's rows in the background (taken by the next `begin()`)."""
+        if self.next is not None:
+            raise ValueError("a prefetched pass is already waiting: call begin_pass() before prefetching another")
+        self.next = _Prefetch(self.client, ids_by_table)
+
+    def begin(self, ids_by_table: dict[str, np.ndarray] | None = None) -> int:
+        """Open a pass over ids_by_table, or over the prefetched ids when None; returns its unique rows."""
         if self.sets:
             raise ValueError("a pass is already open: call end_pass() before begin_pass()")
-        got = self.client.pull_unique(ids_by_table, with_state=True, copy=False)
+        if ids_by_table is None:
+            if self.next is None:
+                raise ValueError("begin_pass() without ids needs a prefetch_pass() first")
+            pre, self.next = self.next, None
+            got = pre.result()
+        else:
+            if self.next is not None:
+                raise ValueError("a prefetched pass is waiting: call begin_pass() without ids to open it")
+            pre, got = None, self.client.pull_unique(ids_by_table, with_state=True, copy=False)
         total = sum(p.ids.shape[0] for p in got.values())
         if total > self.max_rows:
             raise ValueError(f"the pass touches {total} unique ids, more than hbm_rows={self.max_rows}")
         dev = self.device
         for t, p in got.items():
+            v0, s0 = np.array(p.values), np.array(p.state)
+            for patch in pre.patches if pre is not None else ():
+                if t in patch:
+                    _apply_patch(p.ids, v0, s0, *patch[t])
             self.sets[t] = _TableSet(
-                p.ids, np.array(p.values), np.array(p.state),
-                torch.from_numpy(np.array(p.values)).to(dev), torch.from_numpy(np.array(p.state)).to(dev),
+                p.ids, v0, s0, torch.from_numpy(v0.copy()).to(dev), torch.from_numpy(s0.copy()).to(dev),
                 torch.from_numpy(np.asarray(p.admitted)).to(dev), torch.zeros(p.ids.shape[0], dtype=torch.bool, device=dev))
         return total
 
@@ -82,14 +133,27 @@ class WorkingSet:
         ws.touched_W[r] = True
 
     def end(self) -> list[dict]:
-        batch = {}
+        """Push the deltas of the touched rows and close the pass on every shard."""
+        batch, final = {}, {}
         for t, ws in self.sets.items():
             sel = ws.touched_W.cpu().numpy()
             if sel.any():
-                dv = ws.values_WE.cpu().numpy()[sel] - ws.v0_WE[sel]
-                ds = ws.state_WS.cpu().numpy()[sel] - ws.s0_WS[sel]
-                batch[t] = (ws.ids_W[sel], dv, ds)
+                v, s = ws.values_WE.cpu().numpy()[sel], ws.state_WS.cpu().numpy()[sel]
+                batch[t] = (ws.ids_W[sel], v - ws.v0_WE[sel], s - ws.s0_WS[sel])
+                final[t] = (ws.ids_W[sel], v, s)
+        if self.next is not None:
+            self.next.thread.join()          # one request per shard at a time; the pull saw the old rows
+            self.next.patches.append(final)
         if batch:
             self.client.push_deltas(batch)
         self.sets = {}
         return self.client.end_pass()
+
+
+def _apply_patch(ids_W, v_WE, s_WS, pids, pv, ps) -> None:
+    """Overwrite the rows of ids_W that are in pids (both sorted unique) with their patched values."""
+    pos = np.searchsorted(pids, ids_W)
+    pos = np.minimum(pos, max(pids.shape[0] - 1, 0))
+    hit = pids[pos] == ids_W if pids.shape[0] else np.zeros(ids_W.shape[0], bool)
+    v_WE[hit] = pv[pos[hit]]
+    s_WS[hit] = ps[pos[hit]]

@@ -30,9 +30,9 @@ class Recording(InProcessShards):
         self.pulls.append({s: {t: ids.copy() for t, ids in req.items()} for s, req in per_shard.items()})
         return super().pull(per_shard, with_state)
 
-    def push(self, method, per_shard):
-        self.pushes.append({s: {t: tuple(a.copy() for a in v) for t, v in req.items()} for s, req in per_shard.items()})
-        return super().push(method, per_shard)
+    def push(self, pending):
+        self.pushes.append({p.shard: {t: tuple(a.copy() for a in v) for t, v in p.req.items()} for p in pending})
+        return super().push(pending)
 
 
 def client(tmp_path, shards: int = 3, **kw) -> tuple[PSClient, Recording]:

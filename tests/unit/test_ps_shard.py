@@ -156,7 +156,6 @@ def test_occurrence_admission(tmp_path):
     for _ in range(2):
         v, ok, _ = pull(core, "a", ids)
         assert not ok.any() and not v.any()
-        assert core.push({"a": (ids, np.ones((3, E), np.float32))}) == 0
     assert core.counts()["a"]["ram"] == 0 and core.lmdb.count("a") == 0
     v, ok, _ = pull(core, "a", ids)
     assert ok.all() and v.any()
