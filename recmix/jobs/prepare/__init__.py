@@ -10,6 +10,8 @@ import datetime as _dt
 import time
 
 from recmix.platform import storage
+from recmix.platform.errors import RecmixError
+from recmix.platform.secrets import redact
 from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.prepare import MovieLensSource, ParquetSource, PrepareSpec, SyntheticSource
 
@@ -34,7 +36,15 @@ def _report(spec: PrepareSpec, manifest: dict, seconds: float) -> dict:
 
 
 def run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
+    try:
+        return _run(spec, cluster)
+    except OSError as e:  # storage trouble past the first check (endpoint gone, disk full): one line
+        raise RecmixError(f"prepare {spec.output.uri}: {storage.describe(e, spec.storage)}") from None
+
+
+def _run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
     t0 = time.perf_counter()
+    storage.check_writable(spec.output.uri, spec.storage)  # before any work
     fs, root = storage.resolve(spec.output.uri, spec.storage)
     version = writer.new_version()
     src = spec.source
@@ -46,13 +56,13 @@ def run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
         table = conform(movielens.build_table(blobs, src.history_len), schema, f"movielens100k source {src.path}")
         label = schema.labels[0].name
         stats = writer.write_sorted_table(fs, root, version, table, spec.splits, label, max(1, table.num_rows))
-        source = {"type": src.type, "path": src.path, "checksums": src.checksums.value, "history_len": src.history_len}
+        source = redact({"type": src.type, "path": src.path, "checksums": src.checksums.value, "history_len": src.history_len})
     elif isinstance(src, SyntheticSource):
         from . import synthetic
 
         schema = spec.features or synthetic.schema(src)
         stats = synthetic.generate(src, schema, spec.splits, spec.output.uri, spec.storage, version, cluster)
-        source = src.model_dump(mode="json")
+        source = redact(src.model_dump(mode="json"))
     else:
         assert isinstance(src, ParquetSource)
         from . import parquet_source
@@ -60,6 +70,6 @@ def run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
         schema = spec.features
         table = parquet_source.read(src, schema, spec.storage)
         stats = writer.write_sorted_table(fs, root, version, table, spec.splits, schema.labels[0].name, src.rows_per_file)
-        source = src.model_dump(mode="json")
+        source = redact(src.model_dump(mode="json"))
     manifest = writer.publish(fs, root, version, schema, stats, source)
     return _report(spec, manifest, time.perf_counter() - t0)

@@ -9,25 +9,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recmix.platform.dataset import TIMESTAMP, USER_KEY, arrow_schema, arrow_type  # noqa: F401  (re-exported)
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.data import Feature, FeatureRole, FeatureSchema, FeatureType
-
-TIMESTAMP = "timestamp"
-USER_KEY = "user_key"
-
-
-def arrow_type(f: Feature) -> pa.DataType:
-    if f.type is FeatureType.dense:
-        return pa.float32() if f.dim == 1 else pa.list_(pa.float32())
-    if f.type is FeatureType.categorical:
-        return pa.int64()
-    return pa.list_(pa.int64())
-
-
-def arrow_schema(schema: FeatureSchema) -> pa.Schema:
-    """Column order: features as declared, then `timestamp` and `user_key`."""
-    fields = [pa.field(f.name, arrow_type(f), nullable=False) for f in schema.features]
-    return pa.schema(fields + [pa.field(TIMESTAMP, pa.int64(), nullable=False), pa.field(USER_KEY, pa.int64(), nullable=False)])
 
 
 def _is_list(t: pa.DataType) -> bool:

@@ -64,11 +64,12 @@ class SplitStats:
 def write_part(fs: pafs.FileSystem, root: str, rel: str, table: pa.Table, label: str) -> tuple:
     """Write one parquet file; returns (rel, rows, positives, ts_min, ts_max) for `SplitStats.add`."""
     path = storage.join(root, rel)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     try:
-        pq.write_table(table, path, filesystem=fs, compression="zstd", row_group_size=256 * 1024)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        storage.write_via_temp(fs, path, lambda tmp: pq.write_table(table, tmp, filesystem=fs, compression="zstd",
+                                                                     row_group_size=256 * 1024))
     except OSError as e:
-        raise RecmixError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
+        raise RecmixError(f"cannot write {path}: {storage.describe(e)}") from None
     if table.num_rows == 0:
         return (rel, 0, 0.0, None, None)
     ts = pc.min_max(table.column("timestamp"))

@@ -176,10 +176,23 @@ class FeatureSchema(StrictModel):
 
 
 class StorageConfig(StrictModel):
-    """Object-store endpoint. Credentials come from the environment only (AWS_ACCESS_KEY_ID, ...)."""
+    """Object-store endpoint. Credentials come from the environment only (AWS_ACCESS_KEY_ID, ...).
+
+    An endpoint that never answers fails one S3 operation within about
+    `max_attempts * (connect_timeout_s + request_timeout_s + 1)` seconds (the 1 s covers retry back-off;
+    78 s with the defaults); `request_timeout_s` is the longest wait for the next byte, not for a whole transfer.
+    """
 
     endpoint_url: Optional[Annotated[str, Field(pattern=r"^https?://[^\s/]+(/.*)?$")]] = None
     region: Annotated[str, Field(min_length=1, max_length=64)] = "us-east-1"
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+    @property
+    def worst_case_s(self) -> float:
+        """The documented bound on one S3 operation against an endpoint that never answers."""
+        return self.max_attempts * (self.connect_timeout_s + self.request_timeout_s + 1.0)
 
 
 def check_path(value: str) -> str:
