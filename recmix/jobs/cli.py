@@ -138,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"recmix: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # The job's cleanup (cluster shutdown, temp files) already ran on the way out.
+        print("recmix: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 
