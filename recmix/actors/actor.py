@@ -114,6 +114,9 @@ class EmbeddingShard:
     def load_admission(self, table: str, counters) -> None:
         self.core.admission.merge(table, counters)
 
+    def set_admission(self, table: str, counters) -> None:
+        self.core.set_admission(table, counters)
+
     def counts(self) -> dict:
         return self.core.counts()
 

@@ -66,6 +66,9 @@ class ShardBackend(Protocol):
     def each(self, method: str, *args) -> list:
         """Call a shard method on every shard (end_pass, flush, counts, clear), in shard order."""
 
+    def call(self, shard: int, method: str, *args):
+        """Call a shard method on one shard and return its answer."""
+
     def close(self) -> None:
         """Release client-side resources (transfer buffers); the shards keep running."""
 
@@ -92,6 +95,9 @@ class InProcessShards:
 
     def each(self, method: str, *args) -> list:
         return [getattr(c, method)(*args) for c in self.shards]
+
+    def call(self, shard: int, method: str, *args):
+        return getattr(self.shards[shard], method)(*args)
 
     def close(self) -> None:
         pass
@@ -186,6 +192,11 @@ class RayShards:
         import ray
 
         return ray.get([getattr(s, method).remote(*args) for s in self.shards])
+
+    def call(self, shard: int, method: str, *args):
+        import ray
+
+        return ray.get(getattr(self.shards[shard], method).remote(*args))
 
     def close(self) -> None:
         for b in self.buffers:

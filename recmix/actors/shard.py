@@ -301,6 +301,11 @@ class ShardCore:
             self.lmdb.prune_requests(lambda v: float(v.split(b",")[2]) >= old)
         return {"pass": self.pass_id, "expired": self.expire()}
 
+    def set_admission(self, table: str, counters: np.ndarray) -> None:
+        """Replace a table's occurrence counters (exact snapshot restore onto the same shard count)."""
+        self._table(table)
+        self.admission.counters[table] = np.array(counters, np.uint32)
+
     def clear(self, pass_id: int) -> None:
         """Remove every row (both tiers) and the admission counters, and set the pass counter: the
         state before an exact snapshot restore."""

@@ -10,7 +10,10 @@ are gone, and the pass counter is the snapshot's. Call both from one process whi
 
 from __future__ import annotations
 
+import io
 import json
+
+import numpy as np
 
 from recmix.actors import checkpoint
 from recmix.actors.client import PSClient
@@ -52,4 +55,12 @@ def restore_snapshot(client: PSClient, uri: str, checkpoint_id: str | None = Non
     fs, base = storage.resolve(uri, storage_cfg)
     m = checkpoint._manifest(fs, base, uri, client.dims, client.swidth)   # checked before clearing
     client.clear(int(m["pass"]))
-    return checkpoint.restore(client, uri, storage_cfg)
+    checkpoint.restore(client, uri, storage_cfg)
+    if m["shards"] == client.n_shards:
+        # restore() sums every old shard's admission counters into each new shard (right when re-sharding);
+        # on the same shard count each shard takes back exactly its own.
+        for f in m["files"]:
+            if f.get("filter") and f["table"] in client.dims:
+                counters = np.load(io.BytesIO(storage.read_bytes(fs, checkpoint._inside(fs, base, f["file"]))))
+                client.backend.call(f["shard"], "set_admission", f["table"], counters)
+    return m

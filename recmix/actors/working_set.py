@@ -138,9 +138,10 @@ class WorkingSet:
         for t, ws in self.sets.items():
             sel = ws.touched_W.cpu().numpy()
             if sel.any():
-                v, s = ws.values_WE.cpu().numpy()[sel], ws.state_WS.cpu().numpy()[sel]
-                batch[t] = (ws.ids_W[sel], v - ws.v0_WE[sel], s - ws.s0_WS[sel])
-                final[t] = (ws.ids_W[sel], v, s)
+                v0, s0 = ws.v0_WE[sel], ws.s0_WS[sel]
+                dv, ds = ws.values_WE.cpu().numpy()[sel] - v0, ws.state_WS.cpu().numpy()[sel] - s0
+                batch[t] = (ws.ids_W[sel], dv, ds)
+                final[t] = (ws.ids_W[sel], v0 + dv, s0 + ds)     # the shard's arithmetic: same float32 rows
         if self.next is not None:
             self.next.thread.join()          # one request per shard at a time; the pull saw the old rows
             self.next.patches.append(final)
