@@ -1,4 +1,4 @@
-"""`recmix` command line: validate, run, schema, bench.
+"""`recmix` command line: validate, run, score, schema, bench.
 
 Exit codes: 0 success; 1 the job itself failed; 2 bad input (spec, file, URI, checksum, flag), printed as one
 line per problem without a traceback.
@@ -33,9 +33,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cluster = getattr(spec, "cluster", None) or ClusterConfig()
     if args.address:
         cluster = ClusterConfig(**{**cluster.model_dump(), "address": args.address})
-    result = runner(spec.kind)(spec, cluster)
+    result = runner(spec.kind, restart=args.restart)(spec, cluster)
     if isinstance(result, dict) and args.json:
         print(json.dumps(result, default=str))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from recmix.jobs.train.score import score
+    from recmix.platform.specs.data import StorageConfig
+
+    res = score(args.artifact, args.dataset, args.split, StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url
+                else None)
+    if args.json:
+        print(json.dumps(res, default=float))
     return 0
 
 
@@ -113,7 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", help="path to the job spec file")
     r.add_argument("--address", help="Ray cluster to join ('auto', host:port, ray://host:port); default: a fresh local cluster")
     r.add_argument("--json", action="store_true", help="print the job's summary as one JSON line at the end")
+    r.add_argument("--restart", action="store_true",
+                   help="train jobs: start a fresh run instead of resuming the interrupted one (its checkpoints are deleted)")
     r.set_defaults(fn=_cmd_run)
+
+    sc = sub.add_parser("score", help="score a prepared dataset split with a trained model artifact (AUC, logloss)")
+    sc.add_argument("artifact", help="artifact folder (<output>/artifact, its LATEST version) or one version folder")
+    sc.add_argument("dataset", help="prepared dataset URI")
+    sc.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
+    sc.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")
+    sc.add_argument("--json", action="store_true", help="print the metrics as one JSON line at the end")
+    sc.set_defaults(fn=_cmd_score)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a job kind (or of all job specs)")
     s.add_argument("kind", nargs="?", help="job kind, e.g. prepare or train")

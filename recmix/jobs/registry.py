@@ -15,34 +15,35 @@ from recmix.platform.specs.cluster import ClusterConfig
 Runner = Callable[[Any, ClusterConfig], Any]  # run(spec, cluster) -> summary
 
 
-def _prepare() -> Runner:
+def _prepare(restart: bool) -> Runner:
     from recmix.jobs.prepare import run
 
     return run
 
 
-def _bench() -> Runner:
+def _bench(restart: bool) -> Runner:
     from recmix.jobs.bench import run
 
     return run
 
 
-def _pipeline() -> Runner:
+def _pipeline(restart: bool) -> Runner:
     from recmix.jobs.pipeline import run
 
-    return functools.partial(run, stage_runner=runner)
+    return functools.partial(run, stage_runner=functools.partial(runner, restart=restart))
 
 
-def _train() -> Runner:
+def _train(restart: bool) -> Runner:
     from recmix.jobs.train import run
 
-    return run
+    return functools.partial(run, restart=restart)
 
 
-RUNNERS: dict[str, Callable[[], Runner]] = {"prepare": _prepare, "bench": _bench, "pipeline": _pipeline, "train": _train}
+# restart: a train job starts afresh instead of resuming its interrupted run (`recmix run --restart`)
+RUNNERS: dict[str, Callable[[bool], Runner]] = {"prepare": _prepare, "bench": _bench, "pipeline": _pipeline, "train": _train}
 
 
-def runner(kind: str) -> Runner:
+def runner(kind: str, restart: bool = False) -> Runner:
     if kind not in RUNNERS:
         raise RecmixError(f"unknown job kind '{kind}' (known: {', '.join(sorted(RUNNERS))})")
-    return RUNNERS[kind]()
+    return RUNNERS[kind](restart)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -145,15 +146,16 @@ def _scripted_fit(monkeypatch, valid_aucs, patience, progress_s=10.0, n_rows=40)
     train, valid, test = split(n_rows), split(10), split(10)
     aucs = iter(valid_aucs)
 
-    def evaluate(model, data, batch_size, warm_users=None):
+    def evaluate(model, data, batch_size, ctx, warm_users=None):
         a = next(aucs, 0.5) if data is valid else 0.5
-        return {"rows": len(data), "auc": a, "logloss": 0.7, "_probs": np.zeros((len(data), 1))}
+        return {"rows": len(data), "auc": a, "logloss": 0.7}, np.zeros((len(data), 1))
 
     monkeypatch.setattr(loop, "train_step", lambda model, batch, opt: {"loss": 0.25})
     monkeypatch.setattr(loop, "evaluate", evaluate)
     logs = []
-    res = loop.fit(torch.nn.Linear(1, 1), train, valid, test, optimizer=None, batch_size=4, eval_batch_size=4,
-                   epochs=len(valid_aucs), patience=patience, seed=0, log=logs.append, progress_s=progress_s)
+    feed = loop.ArrayFeed(train, valid, test, batch_size=4, seed=0)
+    res = loop.fit(torch.nn.Linear(1, 1), None, feed, loop.LocalContext(logs.append), eval_batch_size=4,
+                   epochs=len(valid_aucs), patience=patience, progress_s=progress_s)
     return res, logs
 
 
@@ -167,8 +169,9 @@ def test_early_stopping_stops_after_patience_epochs_without_gain(monkeypatch, pa
 
 def test_progress_lines_within_an_epoch(monkeypatch):
     _, quiet = _scripted_fit(monkeypatch, [0.6], patience=1)
-    assert not any("step" in line for line in quiet)
+    within = re.compile(r" step \d+/")
+    assert not any(within.search(line) for line in quiet)
     _, logs = _scripted_fit(monkeypatch, [0.6], patience=1, progress_s=0.0)
-    steps = [line for line in logs if " step " in line]
+    steps = [line for line in logs if within.search(line)]
     assert len(steps) == 9                   # 10 steps of 4 rows; none after the last step (the epoch line follows)
     assert steps[0].startswith("[train] epoch 1 step 1/10:") and "samples/s" in steps[0] and "loss 0.2500" in steps[0]

@@ -1,27 +1,44 @@
-"""`kind: train`: train one model on a prepared dataset, evaluate valid/test, write metrics and weights.
+"""`kind: train`: Ray Train workers (DDP, gloo on CPU / NCCL on GPU) fed by Ray Data; checkpoints, resume, artifact.
 
-Artifacts under `spec.output`: `metrics.json` (valid/test AUC + logloss, warm/cold-user test AUC, history,
-parameter/FLOP counts) and `model.pt` (state_dict of the best epoch, `torch.load(..., weights_only=True)`).
+Outputs under `spec.output`: `metrics.json` (valid/test AUC + logloss, warm/cold-user test AUC, history,
+parameter/FLOP counts), `report.json` (per-epoch curves, throughput, world size, resume step), `model.pt`
+(the best epoch's state_dict, `torch.load(weights_only=True)`), `checkpoints/<name>/` (Ray Train's run
+folder) and `artifact/<version>/` + `artifact/LATEST` (recmix.models.artifact). A rerun of the same spec
+resumes the interrupted run from its latest checkpoint, refuses a completed one, and `restart=True`
+(`recmix run --restart`) starts afresh. `train()` runs the same loop in-process (world size 1, no Ray Train)
+for benches that reuse loaded splits.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from recmix.models import counters
 from recmix.models.build import build_model
+from recmix.platform import cluster as ray_cluster
 from recmix.platform import storage
 from recmix.platform.dataset import open_dataset
+from recmix.platform.errors import RecmixError
+from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.train import TrainSpec
 
+from . import artifact, state
 from .data import SplitArrays, to_arrays
-from .loop import FitResult, fit, make_optimizer, train_step  # noqa: F401  (train_step is the public unit)
+from .loop import ArrayFeed, FitResult, LocalContext, fit, make_optimizer, train_step  # noqa: F401  (train_step: the public unit)
+
+COMPLETE = "_recmix_complete.json"   # written into the run folder once the artifact is published
 
 
 def load_splits(spec: TrainSpec):
@@ -32,25 +49,27 @@ def load_splits(spec: TrainSpec):
 
 @dataclass(kw_only=True)
 class TrainResult(FitResult):
-    model: torch.nn.Module              # the best epoch's weights (PS-backed tables are closed after training)
+    model: torch.nn.Module | None       # the best epoch's weights (in-process runs only)
     wall_s: float
     arch: str
     seed: int
     counts: dict                        # parameter / FLOP counts (models/counters.py)
+    world_size: int = 1
     embeddings: str | None = None       # URI of the parameter-server checkpoint (with `embedding:`)
     ps_rows: list | None = None         # per-shard row counts at the end (with `embedding:`)
+    artifact: str | None = None         # URI of the published artifact version
 
     def metrics(self) -> dict:
-        """What metrics.json holds (besides the spec): everything but the model and the test probabilities."""
-        skip = {"model", "test_probs"} | ({"embeddings", "ps_rows"} if self.embeddings is None else set())
+        """What metrics.json holds (besides the spec): everything but the model, states and test probabilities."""
+        skip = {"model", "test_probs", "best_state"} | ({"embeddings", "ps_rows"} if self.embeddings is None else set())
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=None, log=print, write: bool = True,
           cluster=None) -> TrainResult:
-    """Fit and evaluate; `splits`/`schema` may be passed in to reuse loaded data across runs (benches).
-
-    With `spec.embedding` the sparse tables live in parameter-server shards on the Ray cluster `cluster`."""
+    """The training loop in this process (world size 1): `splits`/`schema` may be passed in to reuse loaded
+    data across runs (benches). With `spec.embedding` the sparse tables live in parameter-server shards on
+    the Ray cluster `cluster`. Writes metrics.json and model.pt (no checkpoints, no artifact)."""
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     if splits is None:
@@ -63,13 +82,13 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
 
         sharded = ShardedTables(spec, schema, cluster)
     embeddings = ps_rows = None
+    t0 = time.perf_counter()
     try:
         model = build_model(spec.model, schema, sharded.lookup if sharded else None)
         opt = make_optimizer(model, spec.optimizer)
-        t0 = time.perf_counter()
-        fitted = fit(model, splits["train"], splits["valid"], splits["test"], optimizer=opt, batch_size=spec.batch_size,
-                     eval_batch_size=spec.eval_batch_size, epochs=spec.epochs, patience=spec.early_stopping.patience,
-                     seed=spec.seed, log=log, snapshot=sharded.snapshot if sharded else None,
+        feed = ArrayFeed(splits["train"], splits["valid"], splits["test"], spec.batch_size, spec.seed)
+        fitted = fit(model, opt, feed, LocalContext(log), eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,
+                     patience=spec.early_stopping.patience, snapshot=sharded.snapshot if sharded else None,
                      restore=sharded.restore if sharded else None)
         if sharded is not None and write:
             embeddings = sharded.save_final()
@@ -77,24 +96,198 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
     finally:
         if sharded is not None:
             sharded.close()
-    res = TrainResult(**{f.name: getattr(fitted, f.name) for f in fields(FitResult)}, model=model,
-                      wall_s=round(time.perf_counter() - t0, 2), arch=spec.model.arch, seed=spec.seed,
-                      counts=counters.model(spec.model, schema), embeddings=embeddings, ps_rows=ps_rows)
-    t = res.test
-    log(f"[train] test auc {t['auc']:.4f} (warm {t.get('auc_warm', float('nan')):.4f}, cold {t.get('auc_cold', float('nan')):.4f})"
-        f"  logloss {t['logloss']:.4f}  best epoch {res.best_epoch}")
+    res = _result(spec, schema, fitted, time.perf_counter() - t0, model=model, embeddings=embeddings, ps_rows=ps_rows)
     if write:
-        fs, root = storage.resolve(spec.output, spec.storage)
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        storage.write_bytes_atomic(fs, storage.join(root, "model.pt"), buf.getvalue())
-        doc = {**res.metrics(), "spec": spec.model_dump(mode="json")}
-        storage.write_bytes_atomic(fs, storage.join(root, "metrics.json"), json.dumps(doc, indent=2, default=float).encode())
-        log(f"[train] wrote {spec.output}/metrics.json and model.pt")
+        _write_outputs(spec, res, log)
     return res
 
 
-def run(spec: TrainSpec, cluster=None) -> dict:
-    """CLI entry (`recmix run train.yaml`): one training process; Ray only hosts parameter-server shards."""
-    res = train(spec, cluster=cluster)
+def _result(spec: TrainSpec, schema, fitted: FitResult, wall: float, **kw) -> TrainResult:
+    return TrainResult(**{f.name: getattr(fitted, f.name) for f in fields(FitResult)}, wall_s=round(wall, 2),
+                       arch=spec.model.arch, seed=spec.seed, counts=counters.model(spec.model, schema), **kw)
+
+
+def _write_outputs(spec: TrainSpec, res: TrainResult, log) -> None:
+    fs, root = storage.resolve(spec.output, spec.storage)
+    buf = io.BytesIO()
+    torch.save(res.best_state, buf)
+    storage.write_bytes_atomic(fs, storage.join(root, "model.pt"), buf.getvalue())
+    doc = {**res.metrics(), "spec": spec.model_dump(mode="json")}
+    storage.write_bytes_atomic(fs, storage.join(root, "metrics.json"), json.dumps(doc, indent=2, default=float).encode())
+    report = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "steps": res.steps,
+              "resumed_from_step": res.resumed_from_step, "world_size": res.world_size, "wall_s": res.wall_s,
+              "train_samples_per_s": res.train_samples_per_s, "valid": res.valid, "test": res.test,
+              "artifact": res.artifact}
+    storage.write_bytes_atomic(fs, storage.join(root, "report.json"), json.dumps(report, indent=2, default=float).encode())
+    log(f"[train] wrote {spec.output}/metrics.json, report.json and model.pt")
+
+
+# --- the Ray Train run ------------------------------------------------------------------------------------
+
+def _run_folder(spec: TrainSpec) -> tuple[pafs.FileSystem, str]:
+    fs, root = storage.resolve(spec.output, spec.storage)
+    return fs, storage.join(root, "checkpoints", spec.name)
+
+
+def _exists(fs, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def latest_checkpoint(fs, run: str) -> Optional[str]:
+    """Path of the newest checkpoint folder of a run (by step; an epoch end after a mid-epoch one)."""
+    import re
+
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+             if i.type is pafs.FileType.Directory and re.match(r"^checkpoint-\d{9}-[01]$", i.base_name)]
+    return storage.join(run, max(names)) if names else None
+
+
+def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
+    """Before any work: clear the run (restart), refuse a completed one, or verify the checkpoint a resume
+    will start from. Returns that checkpoint's step, or None for a fresh run."""
+    fs, run = _run_folder(spec)
+    lmdb = spec.embedding.lmdb_path if spec.embedding is not None else None
+    if restart:
+        if _exists(fs, run):
+            fs.delete_dir(run)
+            log(f"[train] --restart: removed the previous run folder {run}")
+        if lmdb and os.path.isdir(lmdb):
+            shutil.rmtree(lmdb)
+        return None
+    if _exists(fs, storage.join(run, COMPLETE)):
+        done = storage.read_json(fs, storage.join(run, COMPLETE))
+        raise RecmixError(f"run '{spec.name}' in {spec.output} already completed (artifact {done.get('artifact')}, test AUC "
+                          f"{done.get('test_auc')}); rerun with --restart to train it again, or set a new output or name")
+    latest = latest_checkpoint(fs, run) if _exists(fs, run) else None
+    if latest is None:
+        if lmdb and os.path.isdir(lmdb) and os.listdir(lmdb):
+            raise RecmixError(f"embedding.lmdb_path: {lmdb} holds the rows of an earlier run and there is no checkpoint to "
+                              "resume; rerun with --restart to start afresh (it clears that folder)")
+        return None
+    if spec.embedding is not None:
+        raise RecmixError(f"run '{spec.name}' in {spec.output} was interrupted; resuming a parameter-server run is not "
+                          "supported yet (the shard rows of the checkpoint are not kept); rerun with --restart")
+    with tempfile.TemporaryDirectory(prefix="recmix-verify-") as tmp:
+        if isinstance(fs, pafs.LocalFileSystem):
+            local = latest
+        else:
+            local = os.path.join(tmp, "ck")
+            pafs.copy_files(latest, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        doc = state.verify(local, latest)
+    step = doc["state"]["step"]
+    log(f"[train] resuming run '{spec.name}' from {latest.rsplit('/', 1)[-1]} (step {step}); --restart starts afresh")
+    return step
+
+
+def check_resources(spec: TrainSpec) -> None:
+    """More workers than the cluster can place would wait forever: refuse before training, naming the numbers."""
+    import ray
+
+    total = ray.cluster_resources()
+    sc = spec.scaling
+    n = sc.workers[0] if isinstance(sc.workers, tuple) else sc.workers
+    cpus, have = n * sc.cpus_per_worker, float(total.get("CPU", 0))
+    if cpus + 1 > have:   # Ray Data's read tasks need a CPU beside the workers' (they would starve otherwise)
+        raise RecmixError(f"scaling: {n} workers x {sc.cpus_per_worker:g} CPU need {cpus:g} CPUs plus 1 for Ray Data; the "
+                          f"cluster has {have:g} (lower scaling.workers or scaling.cpus_per_worker, or add CPUs)")
+    if sc.use_gpu and float(total.get("GPU", 0)) < n:
+        raise RecmixError(f"scaling: {n} workers with use_gpu need {n} GPUs; the cluster has {total.get('GPU', 0):g}")
+
+
+class _Progress:
+    """Prints the workers' progress lines in the driver (they arrive through a Ray queue)."""
+
+    def __init__(self, log):
+        from ray.util.queue import Queue
+
+        self.queue, self.log = Queue(actor_options={"num_cpus": 0}), log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self.log(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:   # the queue actor went away (cluster shutting down)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        while True:
+            try:
+                self.log(self.queue.get_nowait())
+            except Exception:
+                break
+        self.queue.shutdown()
+
+
+def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bool = False,
+        log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+    """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
+    ds = open_dataset(spec.dataset.uri, spec.storage)   # a missing dataset is one line before Ray starts
+    if spec.embedding is not None and spec.scaling.max_workers > 1:
+        raise RecmixError("scaling.workers: a parameter-server run trains with 1 worker for now (workers attaching to "
+                          f"one shard group is not available yet), got {spec.scaling.workers}")
+    preflight(spec, restart, log)
+    with ray_cluster.cluster(cluster or spec.cluster, echo=log):
+        check_resources(spec)
+        return _fit_on_ray(spec, ds, log)
+
+
+def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .worker import train_loop_per_worker
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    fs, out_root = storage.resolve(spec.output, spec.storage)
+    version = artifact.new_version()
+    serving = "embeddings" if spec.embedding is not None else None
+    columns = [f.name for f in ds.schema.features]
+    # A global shuffle per epoch: the dataset re-executes (unseeded) every time the workers iterate it.
+    train_ds = ray.data.read_parquet(ds.split_files("train"), filesystem=ds.filesystem, columns=columns).random_shuffle()
+    sc = spec.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+    progress = _Progress(log)
+    config = {"spec": spec, "dataset_version": ds.version, "progress": progress.queue,
+              "serving_uri": storage.join(artifact.version_uri(spec, version), serving) if serving else None}
+    s3 = not isinstance(fs, pafs.LocalFileSystem)
+    run_config = RunConfig(name=spec.name, storage_path=storage.join(out_root, "checkpoints"),
+                           storage_filesystem=fs if s3 else None,
+                           checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                           failure_config=FailureConfig(max_failures=spec.failure.max_failures))
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu,
+                                                        resources_per_worker=resources),
+                           torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+                           run_config=run_config, datasets={"train": train_ds})
+    log(f"[train] Ray Train: {sc.workers} worker(s) x {sc.cpus_per_worker:g} CPU{' + 1 GPU' if sc.use_gpu else ''}, "
+        f"run '{spec.name}' in {storage.join(spec.output, 'checkpoints', spec.name)}")
+    try:
+        result = trainer.fit()
+    finally:
+        progress.close()
+    out = result.return_value
+    if not out or "fit" not in out:
+        raise RuntimeError(f"Ray Train run '{spec.name}' ended without a result from rank 0 ({result.error!r})")
+    fitted: FitResult = out["fit"]
+    res = _result(spec, ds.schema, fitted, time.perf_counter() - t0, model=None, world_size=out["world_size"],
+                  embeddings=out.get("embeddings"), ps_rows=out.get("ps_rows"))
+    metrics = {"valid": res.valid, "test": res.test, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
+    res.artifact = artifact.publish(spec, version, ds.schema, fitted.best_state, metrics, serving)
+    _write_outputs(spec, res, log)
+    run_fs, run = _run_folder(spec)
+    storage.write_bytes_atomic(run_fs, storage.join(run, COMPLETE), json.dumps(
+        {"artifact": version, "test_auc": res.test["auc"]}).encode())
+    log(f"[train] artifact {res.artifact}")
+    log(f"[train] test AUC {res.test['auc']:.4f}  logloss {res.test['logloss']:.4f}")
     return {k: v for k, v in res.metrics().items() if k != "history"}

@@ -1,7 +1,9 @@
-"""Prepared parquet split -> column arrays -> padded torch batches.
+"""Prepared parquet split -> column arrays -> padded torch batches (recmix's collate for ragged lists).
 
 Lists (multi_categorical, sequence) become (N, max_len) int64 padded with -1 (the model masks them);
 labels (N, K) float32; `user_key` kept for the warm/cold-user split. Conversion is vectorized over rows.
+`collate` turns one pyarrow batch (as Ray Data's `iter_batches(batch_format="pyarrow")` yields it) into the
+model's tensor dict: Ray's default tensor collate cannot stack ragged list columns.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class SplitArrays:
         out = {name: torch.from_numpy(col[idx]) for name, col in self.columns.items()}
         out["labels"] = torch.from_numpy(self.labels[idx])
         return out
+
+    def slice(self, lo: int, hi: int) -> "SplitArrays":
+        return SplitArrays({k: v[lo:hi] for k, v in self.columns.items()}, self.labels[lo:hi], self.user_key[lo:hi])
 
     def batches(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
@@ -73,3 +78,8 @@ def to_arrays(table: pa.Table, schema: FeatureSchema) -> SplitArrays:
     users = table.column("user_key").to_numpy().astype(np.int64) if "user_key" in table.column_names \
         else np.full(table.num_rows, -1, dtype=np.int64)
     return SplitArrays(cols, labels, users)
+
+
+def collate(table: pa.Table, schema: FeatureSchema, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    arr = to_arrays(table, schema)
+    return {k: v.to(device) for k, v in arr.batch(np.arange(len(arr))).items()}

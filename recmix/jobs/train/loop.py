@@ -1,22 +1,25 @@
-"""Single-process training loop: `train_step`, `evaluate`, and `fit` with early stopping on valid AUC.
+"""The one training loop: what every Ray Train worker runs (and the quality bench runs in-process).
 
-`train_step(model, batch, optimizer) -> dict` is the unit a distributed trainer calls per batch; `fit`
-owns epochs, shuffling, early stopping and the test evaluation (test is scored once, with the best
-epoch's weights).
+`fit` owns epochs, checkpoints, resume, early stopping and the test evaluation. It sees the world through a
+`Context` (rank, world size, device, report/checkpoint, collectives) and a `Feed` (this rank's train batches
+per epoch; this rank's slice of valid and test). Ray Train supplies one (`worker.py`), `LocalContext` the
+other; the loop is the same. Evaluation gathers every rank's predictions, in rank order, so the metrics are
+those of the whole split; rank 0 computes them and broadcasts, so early stopping is decided once.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
 
 from recmix.models.base import RankingModel
 
+from . import state as ckpt
 from .data import SplitArrays
 from .metrics import auc, logloss
 
@@ -32,110 +35,221 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer '{name}' (known: adagrad, adamw)")
 
 
-def train_step(model: RankingModel, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
-    """One forward/backward/update; returns the loss parts (floats) and model statistics of this batch."""
+def unwrap(model: torch.nn.Module) -> RankingModel:
+    """The RankingModel inside a DDP wrapper (loss, extra_metrics, state_dict live there)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """One forward/backward/update (DDP all-reduces in backward); returns this rank's loss parts and model stats."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     out = model(batch)
-    loss, parts = model.loss(out, batch["labels"])
+    inner = unwrap(model)
+    loss, parts = inner.loss(out, batch["labels"])
     loss.backward()
     optimizer.step()
-    parts.update(model.extra_metrics())
+    parts.update(inner.extra_metrics())
     return parts
 
 
 @torch.no_grad()
-def predict(model: RankingModel, data: SplitArrays, batch_size: int) -> np.ndarray:
-    """Probabilities (N, K) from the serving logits (aux towers ignored)."""
-    model.eval()
-    outs = [torch.sigmoid(model(b).logits_BK).numpy() for b in data.batches(batch_size)]
+def predict(model: torch.nn.Module, data: SplitArrays, batch_size: int, device="cpu") -> np.ndarray:
+    """Probabilities (N, K) from the serving logits (aux towers ignored), on the unwrapped module."""
+    m = unwrap(model)
+    m.eval()
+    outs = [torch.sigmoid(m({k: v.to(device) for k, v in b.items()}).logits_BK).float().cpu().numpy()
+            for b in data.batches(batch_size)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, data.labels.shape[1]), np.float32)
 
 
-def evaluate(model: RankingModel, data: SplitArrays, batch_size: int, warm_users: np.ndarray | None = None) -> dict:
-    """AUC and logloss per task (task 0 unprefixed); with `warm_users`, AUC on warm and cold users' rows."""
-    p = predict(model, data, batch_size)
-    out: dict = {"rows": len(data)}
-    for k in range(data.labels.shape[1]):
+def scores(y_NK: np.ndarray, p_NK: np.ndarray, users_N: np.ndarray, warm_users: Optional[np.ndarray]) -> dict:
+    """AUC and logloss per task (task 0 unprefixed); with `warm_users`, task-0 AUC on warm and cold users' rows."""
+    out: dict = {"rows": int(y_NK.shape[0])}
+    for k in range(y_NK.shape[1]):
         pre = "" if k == 0 else f"task{k}_"
-        y = data.labels[:, k]
-        out[pre + "auc"] = auc(y, p[:, k])
-        out[pre + "logloss"] = logloss(y, p[:, k])
-        if warm_users is not None and k == 0:
-            warm = np.isin(data.user_key, warm_users)
-            out["auc_warm"], out["auc_cold"] = auc(y[warm], p[warm, 0]), auc(y[~warm], p[~warm, 0])
-            out["rows_warm"], out["rows_cold"] = int(warm.sum()), int((~warm).sum())
-    out["_probs"] = p
+        out[pre + "auc"] = auc(y_NK[:, k], p_NK[:, k])
+        out[pre + "logloss"] = logloss(y_NK[:, k], p_NK[:, k])
+    if warm_users is not None:
+        warm = np.isin(users_N, warm_users)
+        y, p = y_NK[:, 0], p_NK[:, 0]
+        out["auc_warm"], out["auc_cold"] = auc(y[warm], p[warm]), auc(y[~warm], p[~warm])
+        out["rows_warm"], out["rows_cold"] = int(warm.sum()), int((~warm).sum())
     return out
+
+
+class Context(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    checkpoints: bool           # False: report() keeps nothing, so no checkpoint is built
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None: ...
+    def latest_checkpoint(self) -> Optional[str]: ...   # a local folder, or None for a fresh run
+    def gather(self, obj) -> list: ...                  # every rank's obj, in rank order, on every rank
+    def broadcast(self, obj): ...                       # rank 0's obj on every rank
+    def log(self, line: str) -> None: ...
+
+
+@dataclass
+class LocalContext:
+    """One process, no Ray: the quality bench's way to run the loop."""
+
+    log: Callable[[str], None] = print
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    checkpoints: bool = False
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        pass
+
+    def latest_checkpoint(self) -> Optional[str]:
+        return None
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def broadcast(self, obj):
+        return obj
+
+
+class Feed(Protocol):
+    steps_per_epoch: int
+
+    def train_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]: ...
+    valid: SplitArrays      # this rank's slice
+    test: SplitArrays
+    warm_users: np.ndarray  # users of the train split (from the dataset)
+
+
+@dataclass
+class ArrayFeed:
+    """In-memory splits (world size 1): a fresh permutation per epoch from (seed, epoch)."""
+
+    train: SplitArrays
+    valid: SplitArrays
+    test: SplitArrays
+    batch_size: int
+    seed: int
+    warm_users: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.warm_users = np.unique(self.train.user_key)
+        self.steps_per_epoch = -(-len(self.train) // self.batch_size)
+
+    def train_batches(self, epoch: int):
+        return self.train.batches(self.batch_size, np.random.default_rng([self.seed, epoch]))
 
 
 @dataclass
 class FitResult:
     best_epoch: int
     epochs_run: int
-    valid: dict                 # metrics of the best epoch's weights (evaluate's keys)
+    valid: dict                 # metrics of the best epoch's weights (scores' keys)
     test: dict
     history: list[dict]         # one record per epoch
     train_seconds: float
     train_samples_per_s: float
-    test_probs: np.ndarray      # (N_test, K) probabilities of the best epoch's weights
+    resumed_from_step: int      # 0 for a fresh run
+    steps: int                  # optimizer steps in total (this run and the runs it resumed)
+    test_probs: np.ndarray = field(repr=False)   # (N_test, K) probabilities of the best epoch's weights
+    best_state: dict = field(repr=False, default_factory=dict)   # the best epoch's dense state_dict (CPU)
 
 
-def fit(model: RankingModel, train: SplitArrays, valid: SplitArrays, test: SplitArrays, *, optimizer: torch.optim.Optimizer,
-        batch_size: int, eval_batch_size: int, epochs: int, patience: int, seed: int,
-        log: Callable[[str], None] = print, snapshot: Callable[[int], None] | None = None,
-        restore: Callable[[int], None] | None = None, progress_s: float = PROGRESS_S) -> FitResult:
-    """Stops after `patience` epochs in a row without a better valid AUC. Logs one progress line about
-    every `progress_s` seconds of an epoch. `snapshot(epoch)` / `restore(epoch)` keep state outside the
-    model's state_dict (parameter-server rows) in step with the best epoch's dense weights."""
-    rng = np.random.default_rng(seed)
-    warm_users = np.unique(train.user_key)
-    best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0
-    history = []
-    t_train, n_seen = 0.0, 0
-    n_steps = -(-len(train) // batch_size)
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        t_report = t0
-        sums: dict[str, float] = {}
-        steps = n_epoch = 0
-        for batch in train.batches(batch_size, rng):
+def evaluate(model, data: SplitArrays, batch_size: int, ctx: Context, warm_users=None) -> tuple[dict, np.ndarray]:
+    """Every rank predicts its slice; rank 0 scores the whole split and broadcasts (metrics, probabilities)."""
+    parts = ctx.gather((predict(model, data, batch_size, ctx.device), data.labels, data.user_key))
+    res = None
+    if ctx.rank == 0:
+        p, y, u = (np.concatenate([x[i] for x in parts]) for i in range(3))
+        res = (scores(y, p, u, warm_users), p)
+    return ctx.broadcast(res)
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ctx: Context, *, eval_batch_size: int,
+        epochs: int, patience: int, every_steps: Optional[int] = None, meta: Optional[dict] = None,
+        snapshot: Optional[Callable[[int], None]] = None, restore: Optional[Callable[[int], None]] = None,
+        progress_s: float = PROGRESS_S) -> FitResult:
+    """Stops after `patience` epochs in a row without a better valid AUC. `snapshot(epoch)` / `restore(epoch)`
+    keep state outside the state_dict (parameter-server rows) in step with the best epoch's dense weights.
+    `meta` (dataset version, world size) is stored in every checkpoint and checked on resume."""
+    inner = unwrap(model)
+    st = ckpt.TrainerState(meta=meta or {})
+    best_state = None
+    found = ctx.latest_checkpoint()
+    if found is not None:
+        st, best_state = ckpt.load(found, inner, optimizer)
+        ckpt.check_meta(st, meta or {}, found)
+        ctx.log(f"[train] resuming from step {st.step} (epoch {st.epoch + 1}, {st.step_in_epoch} steps into it)")
+    resumed_from = st.step
+
+    def save(metrics: dict) -> None:
+        d = ckpt.save(st, inner, optimizer, best_state) if ctx.rank == 0 and ctx.checkpoints else None
+        ctx.report({**metrics, "step": st.step, "epoch": st.epoch}, d)
+
+    while st.epoch < epochs and not st.stopped:
+        epoch = st.epoch + 1
+        t0 = t_report = time.perf_counter()
+        sums: dict[str, float] = dict(st.sums)
+        steps, n_epoch, skip = st.step_in_epoch, 0, st.step_in_epoch
+        for batch in feed.train_batches(epoch):
+            if skip:        # resumed mid-epoch: the batches before the checkpoint were trained already
+                skip -= 1
+                continue
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
             parts = train_step(model, batch, optimizer)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
-            n_epoch += batch["labels"].shape[0]
+            st.step += 1
+            n_epoch += batch["labels"].shape[0] * ctx.world_size
             now = time.perf_counter()
-            if now - t_report >= progress_s and steps < n_steps:
+            if every_steps and st.step % every_steps == 0:
+                st.step_in_epoch, st.sums = steps, sums
+                st.samples += n_epoch
+                st.train_s += now - t0
+                save({"loss": sums.get("loss", 0.0) / steps})
+                st.samples -= n_epoch
+                st.train_s -= now - t0
+            if ctx.rank == 0 and now - t_report >= progress_s and steps < feed.steps_per_epoch:
                 t_report = now
-                log(f"[train] epoch {epoch} step {steps}/{n_steps}: {n_epoch / (now - t0):,.0f} samples/s  "
-                    f"loss {sums.get('loss', float('nan')) / steps:.4f}")
-        n_seen += n_epoch
-        t_train += time.perf_counter() - t0
-        val = evaluate(model, valid, eval_batch_size)
-        val.pop("_probs")
-        rec = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "valid_auc": val["auc"],
-               "valid_logloss": val["logloss"], "epoch_s": round(time.perf_counter() - t0, 2)}
-        history.append(rec)
-        log(f"[train] epoch {epoch}: loss {rec.get('train_loss', float('nan')):.4f}  valid auc {val['auc']:.4f}  "
-            f"logloss {val['logloss']:.4f}  ({rec['epoch_s']}s)")
-        if val["auc"] > best_auc:
-            best_auc, best_epoch, bad = val["auc"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+                ctx.log(f"[train] epoch {epoch} step {steps}/{feed.steps_per_epoch}: {n_epoch / (now - t0):,.0f} samples/s  "
+                        f"loss {sums.get('loss', float('nan')) / steps:.4f}")
+        st.samples += n_epoch
+        st.train_s += time.perf_counter() - t0
+        val, _ = evaluate(model, feed.valid, eval_batch_size, ctx)
+        rec = {"epoch": epoch, "step": st.step, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+               "valid_auc": val["auc"], "valid_logloss": val["logloss"], "epoch_s": round(time.perf_counter() - t0, 2),
+               "samples_per_s": round(n_epoch / max(time.perf_counter() - t0, 1e-9), 1)}
+        st.history.append(rec)
+        if ctx.rank == 0:
+            ctx.log(f"[train] epoch {epoch}: step {st.step}  loss {rec.get('train_loss', float('nan')):.4f}  valid auc "
+                    f"{val['auc']:.4f}  logloss {val['logloss']:.4f}  {rec['samples_per_s']:,.0f} samples/s ({rec['epoch_s']}s)")
+        st.epoch, st.step_in_epoch, st.sums = epoch, 0, {}
+        if val["auc"] > st.best_auc:
+            st.best_auc, st.best_epoch, st.bad = val["auc"], epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in inner.state_dict().items()})
             if snapshot is not None:
                 snapshot(epoch)
         else:
-            bad += 1
-            if bad >= patience:
-                log(f"[train] early stop: no valid AUC gain for {bad} epochs (best {best_auc:.4f} at epoch {best_epoch})")
-                break
+            st.bad += 1
+            if st.bad >= patience:
+                st.stopped = True
+                if ctx.rank == 0:
+                    ctx.log(f"[train] early stop: no valid AUC gain for {st.bad} epochs "
+                            f"(best {st.best_auc:.4f} at epoch {st.best_epoch})")
+        save(rec)
     if best_state is not None:
-        model.load_state_dict(best_state)
-        if restore is not None and best_epoch != len(history):
-            restore(best_epoch)
-    val = evaluate(model, valid, eval_batch_size)
-    tst = evaluate(model, test, eval_batch_size, warm_users)
-    probs = tst.pop("_probs")
-    val.pop("_probs")
-    return FitResult(best_epoch, len(history), val, tst, history, round(t_train, 2),
-                     round(n_seen / max(t_train, 1e-9), 1), probs)
+        inner.load_state_dict(best_state)
+        if restore is not None and st.best_epoch != st.epoch:
+            restore(st.best_epoch)
+    val, _ = evaluate(model, feed.valid, eval_batch_size, ctx)
+    tst, probs = evaluate(model, feed.test, eval_batch_size, ctx, feed.warm_users)
+    if ctx.rank == 0:
+        t = tst
+        ctx.log(f"[train] test auc {t['auc']:.4f} (warm {t.get('auc_warm', float('nan')):.4f}, cold "
+                f"{t.get('auc_cold', float('nan')):.4f})  logloss {t['logloss']:.4f}  best epoch {st.best_epoch}")
+    return FitResult(st.best_epoch, st.epoch, val, tst, st.history, round(st.train_s, 2),
+                     round(st.samples / max(st.train_s, 1e-9), 1), resumed_from, st.step, probs,
+                     best_state if best_state is not None else {k: v.detach().cpu() for k, v in inner.state_dict().items()})

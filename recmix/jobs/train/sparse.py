@@ -38,10 +38,14 @@ class ShardedTables:
         self.lookup.wait()
         checkpoint.restore(self.lookup.client, self._uri(epoch))
 
+    def save(self, uri: str) -> dict:
+        """A checkpoint of every shard's rows at `uri` (also the artifact's serving snapshot); its row counts."""
+        self.lookup.wait()
+        return checkpoint.save(self.lookup.client, uri, self.spec.storage)["rows"]
+
     def save_final(self) -> str:
         uri = storage.join(self.spec.output, "embeddings")
-        self.lookup.wait()
-        checkpoint.save(self.lookup.client, uri, self.spec.storage)
+        self.save(uri)
         return uri
 
     def close(self) -> None:

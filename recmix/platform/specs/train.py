@@ -1,16 +1,19 @@
-"""`kind: train`: single-process training and evaluation of one model on a prepared dataset."""
+"""`kind: train`: one model trained by Ray Train workers (DDP) on a prepared dataset, evaluated, published."""
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
-from .data import DatasetConfig, StorageConfig, Uri, check_uri
+from .cluster import ClusterConfig
+from .data import DatasetConfig, Name, StorageConfig, Uri, check_uri
 from .embedding import EmbeddingConfig
 from .model import ModelConfig
+
+Workers = Annotated[int, Field(ge=1, le=4096)]
 
 
 class OptimizerName(str, Enum):
@@ -33,6 +36,42 @@ class EarlyStopping(StrictModel):
     patience: Annotated[int, Field(ge=0, le=1000)] = 2
 
 
+class ScalingConfig(StrictModel):
+    """Ray Train workers. `workers: [min, max]` is elastic: the run starts with what the cluster can place
+    (at least min) and grows up to max. `batch_size` is global: each worker takes batch_size / workers rows."""
+
+    workers: Union[Workers, tuple[Workers, Workers]] = 1
+    # Fractional CPUs leave logical CPUs to the Ray Data read tasks that feed the workers (a 2-core box
+    # with 4 logical CPUs and 2 x 1-CPU workers still has 2 for Data).
+    cpus_per_worker: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    use_gpu: bool = False
+
+    @field_validator("workers")
+    @classmethod
+    def _range(cls, v):
+        if isinstance(v, tuple) and v[0] > v[1]:
+            raise ValueError(f"workers [min, max] needs min <= max, got [{v[0]}, {v[1]}]")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+
+class CheckpointConfig(StrictModel):
+    """Rank 0 checkpoints every `every_steps` optimizer steps (None: epoch ends only) and at each epoch end;
+    the newest `keep` stay in the run's storage folder."""
+
+    every_steps: Optional[Annotated[int, Field(ge=1, le=10**9)]] = None
+    keep: Annotated[int, Field(ge=1, le=1000)] = 2
+
+
+class FailureConfig(StrictModel):
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+
+    max_failures: Annotated[int, Field(ge=0, le=1000)] = 0
+
+
 class TrainSpec(StrictModel):
     kind: Literal["train"]
     dataset: DatasetConfig
@@ -43,17 +82,31 @@ class TrainSpec(StrictModel):
     epochs: Annotated[int, Field(gt=0, le=10_000)] = 10
     early_stopping: EarlyStopping = EarlyStopping()
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
-    # torch intra-op threads; None keeps torch's default. 1 is fastest for small models on a busy machine.
+    # torch intra-op threads per worker; None keeps torch's default. 1 is fastest for small models on a busy machine.
     threads: Optional[Annotated[int, Field(gt=0, le=1024)]] = None
-    # Artifacts: <output>/metrics.json and <output>/model.pt (state_dict; torch.load(weights_only=True)),
-    # plus <output>/embeddings/ (a parameter-server checkpoint) when `embedding` is set.
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    failure: FailureConfig = FailureConfig()
+    # Ray Train run name: checkpoints live in <output>/checkpoints/<name>/; rerunning the same spec resumes it.
+    name: Name = "train"
+    # Outputs: <output>/metrics.json, <output>/report.json, <output>/model.pt (best dense state_dict,
+    # torch.load(weights_only=True)), <output>/artifact/<version>/ + <output>/artifact/LATEST (docs/training.md).
     output: Uri
     storage: StorageConfig = StorageConfig()
     # Present = the sparse tables live in parameter-server shards (Ray actors) instead of the model. The
     # tables are the dataset schema's (run in batch mode: pull/push per mini-batch).
     embedding: Optional[EmbeddingConfig] = None
+    # Where the run happens when the spec is run alone (inside a pipeline, the pipeline's cluster).
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("output")
     @classmethod
     def _uri(cls, v: str) -> str:
         return check_uri(v)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainSpec":
+        w = self.scaling.max_workers
+        if self.batch_size < w:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than scaling.workers {w} (each worker needs rows)")
+        return self

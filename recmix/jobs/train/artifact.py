@@ -1,0 +1,61 @@
+"""Publish a run's model artifact (layout in recmix.models.artifact): version folder first, LATEST last."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import platform
+import uuid
+from importlib import metadata
+
+import torch
+
+import recmix
+from recmix.models import artifact as fmt
+from recmix.platform import storage
+from recmix.platform.specs.train import TrainSpec
+
+
+def new_version() -> str:
+    return f"v{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def packages() -> dict:
+    out = {"recmix": recmix.__version__, "python": platform.python_version()}
+    for name in ("torch", "ray", "pyarrow", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def root_uri(spec: TrainSpec) -> str:
+    return storage.join(spec.output.rstrip("/"), "artifact")
+
+
+def version_uri(spec: TrainSpec, version: str) -> str:
+    return storage.join(root_uri(spec), version)
+
+
+def publish(spec: TrainSpec, version: str, schema, best_state: dict, metrics: dict, embeddings: str | None) -> str:
+    """Write `<output>/artifact/<version>/` (dense.pt, artifact.json) and then LATEST; returns the version URI.
+    `embeddings`: the folder name, inside the version folder, of a serving snapshot already written there."""
+    uri = version_uri(spec, version)
+    fs, root = storage.resolve(uri, spec.storage)
+    buf = io.BytesIO()
+    torch.save(best_state, buf)
+    storage.write_bytes_atomic(fs, storage.join(root, fmt.DENSE), buf.getvalue())
+    doc = {"format": fmt.FORMAT, "version": version,
+           "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           # only the fields the spec set: a validator may refuse a default written out (ugsep.ic_rank)
+           "model": spec.model.model_dump(mode="json", exclude_unset=True),
+           "model_resolved": spec.model.model_dump(mode="json"), "features": schema.model_dump(mode="json"),
+           "hash_contract": "splitmix64 bucketing of raw ids for hashed tables (recmix.models.embedding)",
+           "dense": fmt.DENSE, "embeddings": embeddings, "metrics": metrics, "packages": packages(),
+           "run": {"name": spec.name, "dataset": spec.dataset.uri, "seed": spec.seed}}
+    storage.write_bytes_atomic(fs, storage.join(root, fmt.DOC), json.dumps(doc, indent=1, default=float).encode())
+    lfs, lroot = storage.resolve(root_uri(spec), spec.storage)
+    storage.write_bytes_atomic(lfs, storage.join(lroot, fmt.LATEST), (version + "\n").encode())
+    return uri
