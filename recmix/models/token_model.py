@@ -107,12 +107,12 @@ class TokenModel(RankingModel):
             return self._full(self.tokenizer(self.encoder(batch)))
         cands = {n: batch[n] for n in self.cand_names}
         if not self.Tu:
-            return self.score(None, cands, torch.arange(rows(batch, self.cand_names)))
+            return self.score(None, cands, torch.arange(rows(batch, self.cand_names), device=_device(batch)))
         if self.ug.user_aggregation is UserAggregation.dedup:
             first_U, user_index = unique_users(batch, self.user_names)
             users = {n: batch[n][first_U] for n in self.user_names}
         else:
-            user_index = torch.arange(rows(batch, self.cand_names + self.user_names))
+            user_index = torch.arange(rows(batch, self.cand_names + self.user_names), device=_device(batch))
             users = {n: batch[n] for n in self.user_names}
         return self.score(self.encode_user(users), cands, user_index)
 
@@ -164,3 +164,7 @@ class TokenModel(RankingModel):
             return lambda x: self.blocks[l].candidate_path(x, tuple(t[user_index] for t in state.per_layer[l]), ic)
 
         return run_stack(xg_BTD, [cand_step(l) for l in range(len(self.blocks))], self.gap)
+
+
+def _device(batch: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(batch.values())).device

@@ -105,6 +105,6 @@ def unique_users(batch: dict[str, torch.Tensor], names: list[str]) -> tuple[torc
     key_BW = torch.cat(cols, 1)
     _, inverse_B = torch.unique(key_BW, dim=0, return_inverse=True)
     n_u = int(inverse_B.max()) + 1 if inverse_B.numel() else 0
-    first_U = torch.full((n_u,), key_BW.shape[0], dtype=torch.int64)
-    first_U = first_U.scatter_reduce(0, inverse_B, torch.arange(key_BW.shape[0]), reduce="amin")
+    first_U = torch.full((n_u,), key_BW.shape[0], dtype=torch.int64, device=key_BW.device)
+    first_U = first_U.scatter_reduce(0, inverse_B, torch.arange(key_BW.shape[0], device=key_BW.device), reduce="amin")
     return first_U, inverse_B
