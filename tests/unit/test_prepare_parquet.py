@@ -63,7 +63,10 @@ def test_parquet_source_split_by_time(tmp_path):
     assert summary["rows"] == N
     parts = {s: ds.read_split(s) for s in ("train", "valid", "test")}
     assert [t.num_rows for t in parts.values()] == [4000, 500, 500]
-    assert len(ds.split_files("train")) == 3  # rows_per_file 1500
+    # at least MIN_FILES (4) files per split, none above rows_per_file (1500)
+    files = ds.split_files("train")
+    assert len(files) == 4 and max(pq.read_metadata(f).num_rows for f in files) <= 1500
+    assert len(ds.split_files("valid")) == 4
     t = pa.concat_tables(parts.values())
     ts = t["timestamp"].to_numpy()
     assert (np.diff(ts) >= 0).all() and ts.min() >= 1_600_000_000 and ts.max() < 1_601_000_000

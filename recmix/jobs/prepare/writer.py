@@ -84,15 +84,23 @@ def split_bounds(n_rows: int, fractions) -> dict[str, tuple[int, int]]:
     return {"train": (0, a), "valid": (a, b), "test": (b, n_rows)}
 
 
+# Files per split at least (when it has that many rows): Ray Data reads files in parallel tasks and streams them
+# to the training workers, so a split in one file is read by one task however many workers there are.
+MIN_FILES = 4
+
+
 def write_sorted_table(fs, root: str, version: str, table: pa.Table, fractions, label: str,
-                       rows_per_file: int) -> dict[str, SplitStats]:
-    """Split an already time-sorted table by position and write each split in files of `rows_per_file`."""
+                       rows_per_file: int, min_files: int = MIN_FILES) -> dict[str, SplitStats]:
+    """Split an already time-sorted table by position and write each split in files of at most `rows_per_file`
+    rows, and in at least `min_files` files of near-equal size (fewer when the split has fewer rows)."""
     stats = {s: SplitStats() for s in SPLITS}
     for split, (start, stop) in split_bounds(table.num_rows, fractions).items():
-        # range(start, max(stop, start + 1)): an empty split still gets one (empty) file with the schema.
-        for i, lo in enumerate(range(start, max(stop, start + 1), rows_per_file)):
-            part = table.slice(lo, min(rows_per_file, stop - lo))
-            stats[split].add(*write_part(fs, root, part_path(version, split, i), part, label))
+        n = stop - start
+        n_files = max(1, -(-n // rows_per_file), min(min_files, n))
+        # an empty split still gets one (empty) file with the schema
+        for i in range(n_files):
+            lo, hi = start + n * i // n_files, start + n * (i + 1) // n_files
+            stats[split].add(*write_part(fs, root, part_path(version, split, i), table.slice(lo, hi - lo), label))
     return stats
 
 
