@@ -69,6 +69,13 @@ class ShardBackend(Protocol):
     def call(self, shard: int, method: str, *args):
         """Call a shard method on one shard and return its answer."""
 
+    def submit(self, method: str, *args) -> list:
+        """Like `each`, without waiting: the answers come from `gather`. On each shard it runs after
+        every request this client sent it before (Ray keeps one caller's actor calls in order)."""
+
+    def gather(self, submitted: list) -> list:
+        """The answers of a `submit`."""
+
     def close(self) -> None:
         """Release client-side resources (transfer buffers); the shards keep running."""
 
@@ -98,6 +105,12 @@ class InProcessShards:
 
     def call(self, shard: int, method: str, *args):
         return getattr(self.shards[shard], method)(*args)
+
+    def submit(self, method: str, *args) -> list:
+        return self.each(method, *args)
+
+    def gather(self, submitted: list) -> list:
+        return submitted
 
     def close(self) -> None:
         pass
@@ -197,6 +210,14 @@ class RayShards:
         import ray
 
         return ray.get(getattr(self.shards[shard], method).remote(*args))
+
+    def submit(self, method: str, *args) -> list:
+        return [getattr(s, method).remote(*args) for s in self.shards]
+
+    def gather(self, submitted: list) -> list:
+        import ray
+
+        return ray.get(submitted)
 
     def close(self) -> None:
         for b in self.buffers:

@@ -162,8 +162,13 @@ class PSClient:
         return sum(counts)
 
     # ---- control -------------------------------------------------------------------------------
-    def end_pass(self) -> list[dict]:
-        return self.backend.each("end_pass")
+    def end_pass(self, wait: bool = True):
+        """Every shard advances its pass counter, flushes and runs expiry (after the requests this client
+        sent before). Returns the shards' answers, or with wait=False a handle for `wait_end_pass`."""
+        return self.backend.each("end_pass") if wait else self.backend.submit("end_pass")
+
+    def wait_end_pass(self, submitted: list) -> list[dict]:
+        return self.backend.gather(submitted)
 
     def flush(self) -> int:
         return sum(self.backend.each("flush"))

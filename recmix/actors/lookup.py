@@ -81,19 +81,19 @@ class PSEmbeddingLookup(EmbeddingLookup):
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
             raise ValueError(f"table '{table}': ids must be an int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
         shape = tuple(ids.shape)
-        flat = ids.detach().reshape(-1).cpu().numpy()
         e = self.tables[table].dim
         if self.mode is LookupMode.pass_:
-            u, inv = np.unique(flat, return_inverse=True)
-            key = torch.from_numpy(self.ws.rows(table, u)).to(self.device)
+            # On the working set's device, without a host round trip: rows of the set, then unique rows.
+            pos_N = self.ws.positions(table, ids.detach().reshape(-1).to(self.device))
+            key, inv_N = torch.unique(pos_N, return_inverse=True)
             rows_UE = self.ws.gather(table, key)
         else:
             self.wait()
-            p = self.client.pull_unique({table: flat}, copy=False)[table]
-            inv, key = p.inverse, (p.ids, np.array(p.admitted))
+            p = self.client.pull_unique({table: ids.detach().reshape(-1).cpu().numpy()}, copy=False)[table]
+            key = (p.ids, np.array(p.admitted))
             rows_UE = torch.from_numpy(np.array(p.values)).to(self.device)
+            inv_N = torch.from_numpy(p.inverse.reshape(-1).astype(np.int64)).to(self.device)
         anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
-        inv_N = torch.from_numpy(inv.reshape(-1).astype(np.int64)).to(self.device)
         out = _Lookup.apply(anchor, rows_UE, inv_N, self, table, key)
         return out.reshape(*shape, e)
 
@@ -111,9 +111,12 @@ class PSEmbeddingLookup(EmbeddingLookup):
             self.pending += self.client.push({table: (ids, g)}, wait=False)
 
     def wait(self) -> int:
-        """Wait for the pushes sent by backward (their errors surface here)."""
+        """Wait for every push sent so far: by backward (batch mode) and by `end_pass(wait=False)`
+        (pass mode); their errors surface here. Call it before a snapshot or checkpoint."""
         pending, self.pending = self.pending, []
-        return self.client.wait(pending)
+        n = self.client.wait(pending)
+        self.ws.settle()
+        return n
 
     def prefetch_pass(self, ids_by_table: dict[str, np.ndarray | torch.Tensor]) -> None:
         """Pass mode: start pulling the next pass's rows in the background; `begin_pass()` (no ids)
@@ -127,11 +130,13 @@ class PSEmbeddingLookup(EmbeddingLookup):
         self._need_pass("begin_pass")
         return self.ws.begin(None if ids_by_table is None else _numpy_ids(ids_by_table))
 
-    def end_pass(self) -> list[dict]:
+    def end_pass(self, wait: bool = True) -> list[dict]:
         """Close the pass: pass mode pushes the working set's deltas; batch mode waits for its pushes.
-        Then every shard advances its pass counter, flushes and runs expiry."""
+        Then every shard advances its pass counter, flushes and runs expiry; returns their answers.
+        Pass mode with wait=False sends the deltas and the pass end and returns [] at once: they
+        complete while the next pass trains and are checked by the next `end_pass` or `wait()`."""
         if self.mode is LookupMode.pass_:
-            return self.ws.end()
+            return self.ws.end(wait)
         self.wait()
         return self.client.end_pass()
 
@@ -167,7 +172,8 @@ def run_passes(lookup: PSEmbeddingLookup, passes: Iterable[tuple[dict, T]]) -> I
     """Drive a lookup over passes: `passes` yields (ids_by_table of the whole pass, payload), e.g. the
     pass's batches. Each payload is yielded while its pass is open; in pass mode the next pass is
     prefetched as soon as this one opens (its pull overlaps training), and the pass is closed
-    (`end_pass`) when the consumer asks for the next payload. Batch mode just closes each pass."""
+    (`end_pass(wait=False)`: its push overlaps the next pass) when the consumer asks for the next
+    payload; the last pass is waited for. Batch mode just closes each pass."""
     it = iter(passes)
     cur = next(it, None)
     if cur is not None and lookup.mode is LookupMode.pass_:
@@ -179,7 +185,7 @@ def run_passes(lookup: PSEmbeddingLookup, passes: Iterable[tuple[dict, T]]) -> I
         if nxt is not None and lookup.mode is LookupMode.pass_:
             lookup.prefetch_pass(nxt[0])
         yield cur[1]
-        lookup.end_pass()
+        lookup.end_pass(wait=nxt is None)
         cur = nxt
 
 

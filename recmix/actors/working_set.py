@@ -12,7 +12,9 @@ pass's final values of its touched rows and `begin` patches them into the prefet
 worker the next pass starts from exactly the rows a synchronous pull would give. (With several
 workers, updates that other workers push meanwhile reach this worker one pass later, as with any
 `replicated_async` pass.) `end` waits for the prefetch before pushing, so a client never has two
-requests on a shard at once.
+pulls in flight. `end(wait=False)` sends the deltas and the pass end without waiting: they complete
+while the next pass trains, and the next `end` (or `settle`) checks them, so their errors surface one
+pass later. The next pass does not need them: its rows come from the prefetch and the patch.
 
 Legend: W working-set rows, E embedding dim, S optimizer state width, U unique ids of a step.
 """
@@ -32,11 +34,13 @@ from recmix.actors.client import PSClient
 @dataclass
 class _TableSet:
     ids_W: np.ndarray
+    ids_t_W: torch.Tensor           # ids_W on the device (lookups map ids there)
     v0_WE: np.ndarray
     s0_WS: np.ndarray
     values_WE: torch.Tensor
     state_WS: torch.Tensor
     admitted_W: torch.Tensor
+    all_admitted: bool              # the common case: no mask per step
     touched_W: torch.Tensor
 
 
@@ -69,6 +73,7 @@ class WorkingSet:
         self.device = torch.device(device)
         self.sets: dict[str, _TableSet] = {}
         self.next: _Prefetch | None = None
+        self.inflight: tuple[list, list] | None = None     # (pending pushes, pass ends) of an end(wait=False)
 
     @property
     def active(self) -> bool:
@@ -103,20 +108,25 @@ class WorkingSet:
                 if t in patch:
                     _apply_patch(p.ids, v0, s0, *patch[t])
             self.sets[t] = _TableSet(
-                p.ids, v0, s0, torch.from_numpy(v0.copy()).to(dev), torch.from_numpy(s0.copy()).to(dev),
-                torch.from_numpy(np.asarray(p.admitted)).to(dev), torch.zeros(p.ids.shape[0], dtype=torch.bool, device=dev))
+                p.ids, torch.from_numpy(p.ids).to(dev), v0, s0, torch.from_numpy(v0.copy()).to(dev), torch.from_numpy(s0.copy()).to(dev),
+                torch.from_numpy(np.asarray(p.admitted)).to(dev), bool(np.all(p.admitted)), torch.zeros(p.ids.shape[0], dtype=torch.bool, device=dev))
         return total
 
-    def rows(self, table: str, ids: np.ndarray) -> np.ndarray:
+    def positions(self, table: str, ids_N: torch.Tensor) -> torch.Tensor:
+        """Working-set rows of ids (any order, repeats allowed), on the device; an id outside the
+        pass is a ValueError."""
         ws = self.sets.get(table)
         if ws is None:
             raise ValueError(f"table '{table}' is not in the open pass (tables: {', '.join(self.sets) or 'none'})")
-        pos = np.searchsorted(ws.ids_W, ids)
-        pos = np.minimum(pos, ws.ids_W.shape[0] - 1)
-        bad = ws.ids_W[pos] != ids if ws.ids_W.shape[0] else np.ones(ids.shape[0], bool)
-        if bad.any():
+        if ws.ids_W.shape[0] == 0:
+            bad = torch.ones_like(ids_N, dtype=torch.bool)
+            pos = ids_N
+        else:
+            pos = torch.searchsorted(ws.ids_t_W, ids_N).clamp_(max=ws.ids_W.shape[0] - 1)
+            bad = ws.ids_t_W[pos] != ids_N
+        if ids_N.numel() and bool(bad.any()):
             raise ValueError(f"table '{table}': {int(bad.sum())} ids are not in the pass working set "
-                             f"(e.g. {int(ids[bad][0])}); begin_pass() must be given every id of the pass")
+                             f"(e.g. {int(ids_N[bad][0])}); begin_pass() must be given every id of the pass")
         return pos
 
     def gather(self, table: str, rows_U: torch.Tensor) -> torch.Tensor:
@@ -125,15 +135,28 @@ class WorkingSet:
     def apply(self, table: str, rows_U: torch.Tensor, g_UE: torch.Tensor) -> None:
         """Row-wise optimizer on unique working-set rows; non-admitted rows take no update."""
         ws = self.sets[table]
-        keep = ws.admitted_W[rows_U]
-        r, g = rows_U[keep], g_UE[keep].to(ws.values_WE.dtype)
+        if ws.all_admitted:
+            r, g = rows_U, g_UE.to(ws.values_WE.dtype)
+        else:
+            keep = ws.admitted_W[rows_U]
+            r, g = rows_U[keep], g_UE[keep].to(ws.values_WE.dtype)
         w, s = optim.apply(self.optimizer, ws.values_WE[r], ws.state_WS[r], g)
         ws.values_WE[r] = w
         ws.state_WS[r] = s
         ws.touched_W[r] = True
 
-    def end(self) -> list[dict]:
-        """Push the deltas of the touched rows and close the pass on every shard."""
+    def settle(self) -> list[dict]:
+        """Wait for the deltas and pass end sent by `end(wait=False)`; returns the shards' pass ends."""
+        if self.inflight is None:
+            return []
+        (pending, ends), self.inflight = self.inflight, None
+        self.client.wait(pending)
+        return self.client.wait_end_pass(ends)
+
+    def end(self, wait: bool = True) -> list[dict]:
+        """Push the deltas of the touched rows and close the pass on every shard; returns the shards'
+        pass ends (wait=False: sends both and returns [], see the module docstring)."""
+        self.settle()
         batch, final = {}, {}
         for t, ws in self.sets.items():
             sel = ws.touched_W.cpu().numpy()
@@ -145,10 +168,11 @@ class WorkingSet:
         if self.next is not None:
             self.next.thread.join()          # one request per shard at a time; the pull saw the old rows
             self.next.patches.append(final)
-        if batch:
-            self.client.push_deltas(batch)
+        pending = self.client.push_deltas(batch, wait=False) if batch else []
         self.sets = {}
-        return self.client.end_pass()
+        ends = self.client.end_pass(wait=False)
+        self.inflight = (pending, ends)
+        return [] if not wait else self.settle()
 
 
 def _apply_patch(ids_W, v_WE, s_WS, pids, pv, ps) -> None:

@@ -157,3 +157,34 @@ def test_write_through_push_after_a_restart_between_pull_and_push_loses_nothing(
     finally:
         c.close()
         group.destroy()
+
+
+def test_prefetched_asynchronous_passes_on_ray_match_synchronous_passes(ray_cluster, tmp_path):
+    """run_passes on actors: next pass pulled during training, deltas pushed during the next pass."""
+    import torch
+
+    from recmix.actors.lookup import run_passes
+    from tests.unit.test_ps_workers import passes, step_loss
+
+    tables = {t: TableSpec(t, 100, d, True) for t, d in DIMS.items()}
+    groups = [group_for(tmp_path / name, optimizer={"kind": "rowwise_adagrad", "lr": 0.1}) for name in ("sync", "async")]
+    lks = [attach_lookup(g.ref, tables, mode="pass") for g in groups]
+    try:
+        plan = passes(n_passes=4)
+        for ids_by_table, batches in plan:                        # reference: pull, train, push, in turn
+            lks[0].begin_pass(ids_by_table)
+            for ids, w in batches:
+                step_loss(lks[0].lookup("user", ids), w).backward()
+            lks[0].end_pass()
+        for batches in run_passes(lks[1], plan):
+            for ids, w in batches:
+                step_loss(lks[1].lookup("user", ids), w).backward()
+        u = np.arange(30, dtype=np.int64)
+        a, b = (lk.client.pull_unique({"user": u}, with_state=True)["user"] for lk in lks)
+        assert np.array_equal(a.values, b.values) and np.array_equal(a.state, b.state)
+        assert [ray.get(h.info.remote())["pass"] for h in groups[1].handles] == [4, 4]
+        assert isinstance(plan[0][0]["user"], torch.Tensor)
+    finally:
+        for lk, g in zip(lks, groups):
+            lk.close()
+            g.destroy()
