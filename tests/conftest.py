@@ -21,6 +21,12 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray workers take S3 credentials from their node's environment (never from a runtime_env), and a local
+# cluster's nodes inherit the environment of the process that starts it: the moto credentials are set before
+# any test starts one, whichever fixture comes first. No instance-metadata probes on machines without one.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 # Only tests may know where the shared copy lives; code, docs and examples read RECMIX_ML100K.

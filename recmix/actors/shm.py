@@ -11,13 +11,16 @@ waits for the answer before reusing it); pushes never use it.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import uuid
 
 import numpy as np
 
-SHM_DIR = "/dev/shm"
+from recmix.platform import cleanup
+
+SHM_DIR = cleanup.SHM_DIR
 ALIGN = 64
 
 
@@ -36,8 +39,13 @@ class Buffer:
             return
         self.close()
         size = max(1 << 20, 1 << (nbytes - 1).bit_length())
-        self.path = os.path.join(SHM_DIR, f"recmix-ps-{self.tag}-{uuid.uuid4().hex[:10]}")
-        with open(self.path, "w+b") as f:
+        _sweep_once()
+        # The creator's pid is in the name: after a SIGKILL the next run removes the file (platform/cleanup.py).
+        self.path = os.path.join(SHM_DIR, cleanup.shm_name("ps", self.tag, uuid.uuid4().hex[:10]))
+        # Owner-only (0600), never an existing file: rows of the embedding tables pass through it.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _LIVE.add(self.path)
+        with os.fdopen(fd, "w+b") as f:
             f.truncate(size)
             self.mm = mmap.mmap(f.fileno(), size)
         self.size = size
@@ -48,6 +56,7 @@ class Buffer:
 
     def close(self) -> None:
         if self.path:
+            _LIVE.discard(self.path)
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -56,6 +65,28 @@ class Buffer:
 
     def __del__(self):
         self.close()
+
+
+# Buffers of this process still open: removed at exit (Ctrl-C ends in a normal exit), where `__del__` may not run.
+_LIVE: set[str] = set()
+_SWEPT = False
+
+
+def _sweep_once() -> None:
+    global _SWEPT
+    if not _SWEPT:
+        _SWEPT = True
+        cleanup.sweep_stale()
+
+
+@atexit.register
+def _remove_live() -> None:
+    for path in list(_LIVE):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    _LIVE.clear()
 
 
 def align(n: int) -> int:

@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import atexit
+import ipaddress
 import os
-import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
+from recmix.platform import cleanup
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
 
@@ -44,24 +46,56 @@ def connect(
             raise RecmixError(_join_failure(cfg.address, e)) from None
         echo(f"[ray] joined the cluster at {cfg.address}; {_dashboard(ctx.dashboard_url, 'the cluster runs without one')}")
         return ctx
+    cleanup.sweep_stale()  # what a SIGKILLed run left behind
     # Short path: Ray's unix sockets live under the temp dir and must stay below ~100 characters.
-    tmp = tempfile.mkdtemp(prefix="rmx-", dir="/tmp")
+    tmp = tempfile.mkdtemp(prefix=cleanup.temp_prefix(), dir=cleanup.TEMP_ROOT)
+    _TEMP_DIRS.append(tmp)  # before ray.init: a Ctrl-C during start-up still removes it and its processes
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ctx = ray.init(
-        address="local",
-        num_cpus=cfg.num_cpus if cfg.num_cpus is not None else max(4, os.cpu_count() or 1),
-        include_dashboard=include_dashboard,
-        dashboard_host=cfg.dashboard_host,
-        dashboard_port=cfg.dashboard_port or free_port(),
-        _metrics_export_port=free_port(),
-        _temp_dir=tmp,
-        log_to_driver=not quiet,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
-    _TEMP_DIRS.append(tmp)
+    try:
+        ctx = ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus if cfg.num_cpus is not None else max(4, os.cpu_count() or 1),
+            include_dashboard=include_dashboard,
+            dashboard_host=cfg.dashboard_host,
+            dashboard_port=cfg.dashboard_port or free_port(),
+            _metrics_export_port=free_port(),
+            _temp_dir=tmp,
+            log_to_driver=not quiet,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    except BaseException:
+        shutdown()
+        raise
+    # Ray makes its temp dir world-writable; the session's logs and sockets are for this user only.
+    os.chmod(tmp, 0o700)
     echo(f"[ray] started a local cluster; {_dashboard(ctx.dashboard_url, 'include_dashboard is off')}")
+    if include_dashboard:
+        _warn_exposure(cfg, echo)  # after ray.init: the authentication mode is settled by then
     return ctx
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _warn_exposure(cfg: ClusterConfig, echo: Callable[[str], None]) -> None:
+    """Binding a service beyond loopback is allowed, but never silently."""
+    if not _loopback(cfg.dashboard_host):
+        echo(f"[ray] WARNING: the dashboard (and its job, state and log APIs) will listen on {cfg.dashboard_host}, "
+             f"reachable from other machines; authentication in force: {_auth_in_force()}")
+
+
+def _auth_in_force() -> str:
+    mode = _auth_mode()
+    if mode == "token":
+        return "Ray token authentication (RAY_AUTH_MODE=token: requests need the cluster token)"
+    if mode == "disabled":
+        return "NONE (RAY_AUTH_MODE=disabled: anyone who can reach the port controls the cluster)"
+    return f"RAY_AUTH_MODE={mode} (check it: without token authentication anyone who can reach the port controls the cluster)"
 
 
 def dashboard_url() -> Optional[str]:
@@ -118,12 +152,24 @@ _TEMP_DIRS: list[str] = []
 
 
 def shutdown() -> None:
+    """Stop the cluster this process started (also one half-started by an interrupted `ray.init`), stop any
+    process still running from its temp dir, and delete the temp dir."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    while _TEMP_DIRS:
-        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
+    with cleanup.no_interrupt():
+        if ray.is_initialized() or _TEMP_DIRS:
+            ray.shutdown()  # also kills the processes of a start-up cut short, once Ray has recorded them
+        while _TEMP_DIRS:
+            cleanup.remove_temp_dir(_TEMP_DIRS.pop())
+        cleanup.sweep_stale()  # buffers of worker processes that Ray killed
+
+
+def _at_exit() -> None:
+    if _TEMP_DIRS:  # only a process that started a cluster (never a Ray worker importing this module)
+        shutdown()
+
+
+atexit.register(_at_exit)
 
 
 @contextmanager

@@ -36,17 +36,33 @@ def _report(spec: PrepareSpec, manifest: dict, seconds: float) -> dict:
 
 
 def run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
-    try:
-        return _run(spec, cluster)
-    except OSError as e:  # storage trouble past the first check (endpoint gone, disk full): one line
-        raise RecmixError(f"prepare {spec.output.uri}: {storage.describe(e, spec.storage)}") from None
-
-
-def _run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
-    t0 = time.perf_counter()
     storage.check_writable(spec.output.uri, spec.storage)  # before any work
-    fs, root = storage.resolve(spec.output.uri, spec.storage)
     version = writer.new_version()
+    published: list[dict] = []
+    try:
+        return _run(spec, cluster, version, published)
+    except BaseException as e:
+        if not published:  # an unpublished version is referenced by nothing: partial parts go with it
+            _discard(spec, version)
+        if isinstance(e, OSError):  # storage trouble past the first check (endpoint gone, disk full): one line
+            raise RecmixError(f"prepare {spec.output.uri}: {storage.describe(e, spec.storage)}") from None
+        raise
+
+
+def _discard(spec: PrepareSpec, version: str) -> None:
+    from recmix.platform.cleanup import no_interrupt
+
+    with no_interrupt():
+        try:
+            fs, root = storage.resolve(spec.output.uri, spec.storage)
+            fs.delete_dir(storage.join(root, version))
+        except OSError:
+            pass  # never written, or the store is gone: the next publish deletes stray version folders
+
+
+def _run(spec: PrepareSpec, cluster: ClusterConfig, version: str, published: list) -> dict:
+    t0 = time.perf_counter()
+    fs, root = storage.resolve(spec.output.uri, spec.storage)
     src = spec.source
     if isinstance(src, MovieLensSource):
         from . import movielens
@@ -72,4 +88,5 @@ def _run(spec: PrepareSpec, cluster: ClusterConfig) -> dict:
         stats = writer.write_sorted_table(fs, root, version, table, spec.splits, schema.labels[0].name, src.rows_per_file)
         source = redact(src.model_dump(mode="json"))
     manifest = writer.publish(fs, root, version, schema, stats, source)
+    published.append(manifest)
     return _report(spec, manifest, time.perf_counter() - t0)

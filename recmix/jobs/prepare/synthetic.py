@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,10 +178,6 @@ def write_chunk(src: SyntheticSource, t: Tables, schema: FeatureSchema, uri: str
     return out
 
 
-# Credentials reach Ray workers the way they reach the driver: from these environment variables only.
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL")
-
-
 def generate(src: SyntheticSource, schema: FeatureSchema, fractions, uri: str, store, version: str, cluster_cfg) -> dict:
     """All chunks as Ray tasks on the session cluster (at most one per CPU in flight: bounded memory)."""
     import ray
@@ -198,11 +193,10 @@ def generate(src: SyntheticSource, schema: FeatureSchema, fractions, uri: str, s
     bounds = split_bounds(src.n_rows, fractions)
     chunks = chunk_ranges(src.n_rows, src.chunk_rows)
     stats = {s: SplitStats() for s in SPLITS}
-    env = {k: os.environ[k] for k in _AWS_ENV if k in os.environ} if storage.is_s3(uri) else {}
     with cluster.cluster(cluster_cfg):
+        # No credentials travel with the task (a runtime_env is shown by the state API and logged in plain
+        # text): workers use their node's own environment or credential chain (platform/secrets.py).
         task = ray.remote(num_cpus=1, max_retries=2)(write_chunk)
-        if env:
-            task = task.options(runtime_env={"env_vars": env})
         t_ref = ray.put(t)
         window = max(1, int(ray.available_resources().get("CPU", 1)))
         pending, todo = [], list(chunks)
