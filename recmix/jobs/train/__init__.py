@@ -133,13 +133,28 @@ def _exists(fs, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train's record of the checkpoints it registered
+
+
 def latest_checkpoint(fs, run: str) -> Optional[str]:
-    """Path of the newest checkpoint folder of a run (by step; an epoch end after a mid-epoch one)."""
+    """Path of the checkpoint a rerun resumes from: the latest one Ray Train registered in its snapshot (a
+    folder it never registered, say one cut off mid-upload, is not resumed by Ray either)."""
     import re
 
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
              if i.type is pafs.FileType.Directory and re.match(r"^checkpoint-\d{9}-[01]$", i.base_name)]
-    return storage.join(run, max(names)) if names else None
+    snap = storage.join(run, RAY_SNAPSHOT)
+    if not _exists(fs, snap):
+        if names:
+            raise RecmixError(f"run folder {run} holds checkpoints ({max(names)}) but no {RAY_SNAPSHOT} (partial); "
+                              "rerun with --restart for a fresh run")
+        return None
+    try:
+        latest = (storage.read_json(fs, snap).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (ValueError, AttributeError):
+        raise RecmixError(f"run folder {run}: {RAY_SNAPSHOT} is not valid JSON (truncated?); rerun with --restart "
+                          "for a fresh run") from None
+    return storage.join(run, latest) if latest else None
 
 
 def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
@@ -234,10 +249,28 @@ def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bo
     if spec.embedding is not None and spec.scaling.max_workers > 1:
         raise RecmixError("scaling.workers: a parameter-server run trains with 1 worker for now (workers attaching to "
                           f"one shard group is not available yet), got {spec.scaling.workers}")
+    storage.check_writable(spec.output, spec.storage)
+    _check_train_columns(ds)
     preflight(spec, restart, log)
     with ray_cluster.cluster(cluster or spec.cluster, echo=log):
         check_resources(spec)
         return _fit_on_ray(spec, ds, log)
+
+
+def _check_train_columns(ds) -> None:
+    """Ray Data reads the train files directly: their column types are checked against the manifest first."""
+    import pyarrow.parquet as pq
+
+    from recmix.platform.dataset import check_columns
+
+    files = ds.split_files("train")
+    if not files:
+        raise RecmixError(f"{ds.uri}: split 'train' lists no files")
+    try:
+        actual = pq.read_schema(files[0], filesystem=ds.filesystem)
+    except OSError as e:
+        raise RecmixError(f"{ds.uri}: cannot read {files[0]}: {str(e).splitlines()[0]}") from None
+    check_columns(actual, ds.schema, ds.uri, [f.name for f in ds.schema.features])
 
 
 def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:

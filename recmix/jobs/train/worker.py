@@ -132,6 +132,9 @@ def train_loop_per_worker(config: dict) -> dict:
     if ds.version != config["dataset_version"]:
         raise RecmixError(f"{spec.dataset.uri}: the dataset changed during the run (version {ds.version}, "
                           f"started on {config['dataset_version']})")
+    pids = ctx.gather(os.getpid())
+    if ctx.rank == 0:
+        ctx.log(f"[train] worker group: {ctx.world_size} rank(s), pids {' '.join(map(str, pids))}, device {ctx.device}")
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
     sharded = None
