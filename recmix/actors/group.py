@@ -64,6 +64,13 @@ def create_group(cfg: EmbeddingConfig, dims: dict[str, int], namespace: str, roo
     return ShardGroup(GroupRef(cfg.name, namespace), cfg, layout, root, handles)
 
 
+def open_group(ref: GroupRef) -> ShardGroup:
+    """Driver: take back a group that exists (a resumed driver on a long-lived cluster, where detached
+    shards outlived the previous driver). `GroupNotFound` if there is none."""
+    cfg, layout, root, handles = _handles(ref.name, ref.namespace)
+    return ShardGroup(ref, cfg, layout, root, handles)
+
+
 def _handles(name: str, namespace: str) -> list:
     import ray
 

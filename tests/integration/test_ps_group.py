@@ -11,7 +11,8 @@ import pytest
 import ray
 
 from recmix.actors import checkpoint
-from recmix.actors.group import GroupNotFound, attach, attach_lookup, create_group, destroy_group, group_exists
+from recmix.actors.group import (GroupNotFound, attach, attach_lookup, create_group, destroy_group, group_exists,
+                                 open_group)
 from recmix.actors.snapshot import restore_snapshot, save_snapshot
 from recmix.models.embedding import TableSpec
 from recmix.platform.errors import RecmixError
@@ -69,6 +70,8 @@ def test_group_is_attached_by_name_and_outlives_its_workers(ray_cluster, tmp_pat
         lk = attach_lookup(ref, {t: TableSpec(t, 100, d, True) for t, d in DIMS.items()})
         lk.close()                                            # an attached lookup never stops the shards
         assert pids(group) == before
+        again = open_group(ref)                               # a resumed driver takes the group back
+        assert again.layout == group.layout and pids(again) == before
     finally:
         group.destroy()
     deadline = time.time() + 30
