@@ -24,8 +24,9 @@ from recmix.actors import shm
 from recmix.actors.layout import PSLayout
 from recmix.platform.errors import RecmixError
 
-PUSH_ATTEMPTS = 8           # sends of one push request before PushError (restarts take 0.2-1 s, ray.md 12)
-PUSH_DEADLINE_S = 120.0     # ... and at most this long after the first failure
+PUSH_ATTEMPTS = 30          # sends of one push request before PushError (restarts take 0.2-1 s idle, ray.md 12,
+                            # seconds on a loaded box; back-off 0.1 s doubling to 1 s)
+PUSH_DEADLINE_S = 60.0      # ... and at most this long after the first failure
 
 
 @dataclass
