@@ -38,7 +38,8 @@ def _spec(tmp_path: Path, source: dict, output: str, **extra) -> Path:
 
 def _leftovers(pid: int) -> list[str]:
     temp = glob.glob(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}{pid}-*"))
-    procs = [f"pid {p}" for t in temp for p in cleanup.processes_using(t)]
+    # By name, not by listing the dir: a process can outlive the temp dir it was started in.
+    procs = [f"pid {p}" for p in cleanup.processes_using(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}{pid}-"))]
     shm = glob.glob(os.path.join(cleanup.SHM_DIR, f"{cleanup.SHM_PREFIX}*-p{pid}-*"))
     return temp + procs + shm
 
@@ -151,3 +152,15 @@ def test_after_sigkill_the_next_run_cleans_up(tmp_path):
     assert set(left) <= set(gone)
     time.sleep(0.5)
     assert _leftovers(proc.pid) == []
+
+
+def test_a_cluster_left_running_is_shut_down_at_exit():
+    """A job that connects and never calls shutdown (as the PS train path did) leaves nothing behind."""
+    code = ("from recmix.platform import cluster; from recmix.platform.specs.cluster import ClusterConfig; "
+            "cluster.connect(ClusterConfig(num_cpus=1), include_dashboard=False); import ray; "
+            "import os; print(os.getpid(), ray.get(ray.remote(lambda: 1).remote()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(" 1"), proc.stderr[-2000:]
+    pid = int(proc.stdout.strip().splitlines()[-1].split()[0])
+    time.sleep(0.5)
+    assert _leftovers(pid) == []

@@ -239,3 +239,30 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
     assert main(["validate", "x.yaml"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "recmix: interrupted (Ctrl-C)"
+
+
+# ---- secrets in what recmix writes -----------------------------------------------------------------------------
+
+def test_redact_replaces_secret_env_values_and_url_passwords(monkeypatch):
+    from recmix.platform import secrets
+
+    monkeypatch.setenv("MY_API_TOKEN", "tok-1234567890")
+    monkeypatch.setenv("SHORT_SECRET", "abc")       # too short to be a secret worth matching
+    monkeypatch.setenv("DATA_DIR", "/data/public")  # not a secret name
+    doc = {"a": "x/tok-1234567890/y", "b": ["http://user:pw-0987654321@host:9000/p"], "c": "abc /data/public", "d": 3}
+    assert secrets.redact(doc) == {"a": "x/${MY_API_TOKEN}/y", "b": ["http://user:***@host:9000/p"],
+                                   "c": "abc /data/public", "d": 3}
+
+
+def test_prepare_manifest_and_summary_keep_the_var_text_of_secret_interpolations(tmp_path, ml100k_dir, monkeypatch, capsys):
+    """A `${VAR}` holding a secret is written as `${VAR}`, never as its value (the manifest dumps the source)."""
+    import json
+
+    monkeypatch.setenv("ML100K_ACCESS_TOKEN", str(ml100k_dir))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("kind: prepare\nsource: {type: movielens100k, path: '${ML100K_ACCESS_TOKEN}'}\n"
+                    f"output: {{uri: '{tmp_path / 'ds'}'}}\n")
+    assert main(["run", str(spec), "--json"]) == 0
+    manifest = (tmp_path / "ds" / "_manifest.json").read_text()
+    assert json.loads(manifest)["source"]["path"] == "${ML100K_ACCESS_TOKEN}"
+    assert str(ml100k_dir) not in manifest and str(ml100k_dir) not in capsys.readouterr().out

@@ -26,12 +26,12 @@ def _utc(ts) -> str:
 def _report(spec: PrepareSpec, manifest: dict, seconds: float) -> dict:
     splits = manifest["splits"]
     total = sum(s["rows"] for s in splits.values())
-    print(f"[prepare] {spec.source.type} -> {spec.output.uri} version {manifest['version']}: {total:,} rows in {seconds:.1f}s")
+    print(f"[prepare] {spec.source.type} -> {redact(spec.output.uri)} version {manifest['version']}: {total:,} rows in {seconds:.1f}s")
     for name, s in splits.items():
         rate = "-" if s["label_rate"] is None else f"{s['label_rate']:.4f}"
         print(f"[prepare]   {name:<5} {s['rows']:>12,} rows  label rate {rate}  "
               f"ts {s['ts_min']} .. {s['ts_max']}  ({_utc(s['ts_min'])} .. {_utc(s['ts_max'])} UTC)  {len(s['files'])} file(s)")
-    return {"uri": spec.output.uri, "version": manifest["version"], "rows": total, "seconds": round(seconds, 2),
+    return {"uri": redact(spec.output.uri), "version": manifest["version"], "rows": total, "seconds": round(seconds, 2),
             "splits": {k: {kk: v for kk, v in s.items() if kk != "files"} for k, s in splits.items()}}
 
 
