@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,12 +37,28 @@ def _spec(tmp_path: Path, source: dict, output: str, **extra) -> Path:
     return path
 
 
+def _session_processes(pid: int) -> list[int]:
+    """Processes of the Ray session the driver `pid` started: Ray names the session dir `session_<time>_<pid>`."""
+    pattern = re.compile(rb"session_[0-9_\-]+_%d(/|\x00|$)" % pid)
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if entry.isdigit() and pattern.search(f.read()):
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
 def _leftovers(pid: int) -> list[str]:
+    """Temp dirs, processes and shared-memory buffers of the run whose driver was `pid` (by name, not by
+    listing the temp dir: a process can outlive the dir it was started in)."""
     temp = glob.glob(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}{pid}-*"))
-    # By name, not by listing the dir: a process can outlive the temp dir it was started in.
-    procs = [f"pid {p}" for p in cleanup.processes_using(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}{pid}-"))]
+    temp += [os.path.dirname(s) for s in glob.glob(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}*", f"session_*_{pid}"))]
+    procs = cleanup.processes_using(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}{pid}-")) + _session_processes(pid)
     shm = glob.glob(os.path.join(cleanup.SHM_DIR, f"{cleanup.SHM_PREFIX}*-p{pid}-*"))
-    return temp + procs + shm
+    return sorted(set(temp)) + [f"pid {p}" for p in sorted(set(procs))] + shm
 
 
 def _wait_for(what, timeout: float = 120.0, proc: subprocess.Popen | None = None):
@@ -109,8 +126,8 @@ def _start(tmp_path: Path, out: Path) -> subprocess.Popen:
 
 
 def _ray_starting(pid: int):
-    """True once Ray has started processes in the run's temp dir (ray.init is under way)."""
-    return any(cleanup.processes_using(t) for t in glob.glob(os.path.join(cleanup.TEMP_ROOT, f"{cleanup.TEMP_PREFIX}{pid}-*")))
+    """True once Ray has started processes of the run's session (ray.init is under way)."""
+    return bool(_session_processes(pid))
 
 
 def _first_part(out: Path):
