@@ -25,6 +25,7 @@ import torch
 from recmix.actors.client import PSClient
 from recmix.actors.working_set import WorkingSet
 from recmix.models.embedding import EmbeddingLookup, TableSpec
+from recmix.platform.specs.data import FeatureType
 from recmix.platform.specs.embedding import EmbeddingConfig
 
 
@@ -163,6 +164,20 @@ def grad_scale_for(world_size: int) -> float:
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     return 1.0 / world_size
+
+
+def pass_ids(schema, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """{table: ids} that the models' FeatureEncoder will look up for these batches (the pass's working
+    set): every categorical id, and the valid (>= 0) ids of multi-categorical and sequence features,
+    per table (features sharing a table are merged). Pass it to `begin_pass` / `run_passes`."""
+    parts: dict[str, list] = {}
+    for batch in batches:
+        for f in schema.inputs:
+            if f.type is FeatureType.dense:
+                continue
+            x = batch[f.name].detach().reshape(-1).cpu()
+            parts.setdefault(f.table_name, []).append((x if f.type is FeatureType.categorical else x[x >= 0]).numpy())
+    return {t: np.unique(np.concatenate(p)).astype(np.int64) for t, p in parts.items()}
 
 
 T = TypeVar("T")

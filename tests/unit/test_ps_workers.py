@@ -265,3 +265,32 @@ def test_prefetch_misuse_is_a_clear_error(tmp_path):
     assert lk.begin_pass() == 1
     with pytest.raises(ValueError, match="mode 'pass'"):
         Group(tmp_path / "b").lookup(LookupMode.batch).prefetch_pass({"user": np.array([1], np.int64)})
+
+
+@pytest.mark.parametrize("spec", [dict(arch="dlrm_mlp"), dict(arch="rankmixer", d_model=16, n_tokens=4, n_heads=4),
+                                  dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2),
+                                  dict(arch="tokenmixer_large", tokenizer="chunk_per_token", n_tokens=4, d_model=16,
+                                       n_heads=4, n_layers=2, ugsep={})])
+def test_pass_ids_cover_every_lookup_of_each_architecture(tmp_path, spec):
+    """`pass_ids` gives the working set every id the model looks up (UG-Sep's deduplicated users included):
+    a lookup outside it would be a ValueError."""
+    from pydantic import TypeAdapter
+
+    from recmix.actors.lookup import pass_ids
+    from recmix.models.build import build_model
+    from recmix.models.embedding import tables_from_schema
+    from recmix.models.toy import toy_batch, toy_schema
+    from recmix.platform.specs.model import ModelConfig
+
+    schema = toy_schema()
+    tables = tables_from_schema(schema)
+    cfg = EmbeddingConfig(name="m", shards=2)
+    layout = ps_layout(cfg, {t: s.dim for t, s in tables.items()})
+    client = PSClient(InProcessShards([ShardCore(cfg, layout, i, str(tmp_path)) for i in range(2)]), layout)
+    lk = PSEmbeddingLookup(tables, client, cfg.optimizer, mode="pass")
+    model = build_model(TypeAdapter(ModelConfig).validate_python(spec), schema, lk)
+    batches = [toy_batch(schema, 8, seed) for seed in range(3)]
+    for b in run_passes(lk, [(pass_ids(schema, batches), batches)]):
+        for x in b:
+            model.loss(model(x), x["labels"])[0].backward()
+    assert sum(c.counts()[t]["pushed"] for c in client.backend.shards for t in tables) > 0
