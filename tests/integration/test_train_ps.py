@@ -48,3 +48,27 @@ def test_train_with_parameter_server_tables(ray_cluster, tiny_dataset, tmp_path)
     # The shard actors were stopped after the checkpoint.
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "trainps" in str(a)]
     assert not alive
+
+
+@pytest.mark.slow
+def test_ray_train_two_workers_share_one_shard_group_and_publish_the_rows(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
+    """2 Ray Train workers attach to the driver's group; the artifact's row snapshot reproduces the test AUC."""
+    import ray
+
+    from recmix.jobs.train import run
+    from recmix.jobs.train.score import score
+    from recmix.models.artifact import load_artifact
+
+    out = tmp_path / "run"
+    s = spec(tiny_dataset, out).model_dump(mode="json", exclude_unset=True)
+    s.update(epochs=2, scaling={"workers": 2}, checkpoint={"every_steps": 20})
+    summary = run(JOB_ADAPTER.validate_python(s), log=lambda line: None)
+    assert summary["world_size"] == 2 and summary["test"]["auc"] > 0.6, summary["test"]
+    model = load_artifact(str(out / "artifact"))
+    assert not any(isinstance(m, torch.nn.Embedding) for m in model.modules())   # rows come from the snapshot
+    res = score(str(out / "artifact"), str(tiny_dataset), echo=lambda line: None)
+    assert abs(res["auc"] - summary["test"]["auc"]) < 1e-6, (res, summary["test"])
+    # every checkpoint carries the shards' snapshot tied to it; the driver destroyed the group at the end
+    cks = sorted((out / "checkpoints" / "train").glob("checkpoint-*"))
+    assert cks and all((c / "ps" / "snapshot.json").exists() for c in cks)
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "trainps" in str(a)]

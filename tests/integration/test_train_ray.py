@@ -200,7 +200,7 @@ def test_two_workers_match_one_worker_on_ml100k(ray_cluster, ml100k_prepared, tm
     """Same model, seed, global batch and samples (1 epoch of the 80k training rows): test AUC within 0.01."""
     from recmix.jobs.train import run
 
-    model = dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=1, ffn_mult=2.0)
+    model = dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=2, ffn_mult=2.0)
     aucs = {}
     for workers in (1, 2):
         spec = JOB_ADAPTER.validate_python(spec_dict(ml100k_prepared, tmp_path / f"w{workers}", epochs=1, batch_size=512,

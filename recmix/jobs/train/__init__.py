@@ -88,8 +88,7 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
         opt = make_optimizer(model, spec.optimizer)
         feed = ArrayFeed(splits["train"], splits["valid"], splits["test"], spec.batch_size, spec.seed)
         fitted = fit(model, opt, feed, LocalContext(log), eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,
-                     patience=spec.early_stopping.patience, snapshot=sharded.snapshot if sharded else None,
-                     restore=sharded.restore if sharded else None)
+                     patience=spec.early_stopping.patience, sparse=sharded)
         if sharded is not None and write:
             embeddings = sharded.save_final()
             ps_rows = sharded.lookup.client.counts()
@@ -179,9 +178,6 @@ def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
             raise RecmixError(f"embedding.lmdb_path: {lmdb} holds the rows of an earlier run and there is no checkpoint to "
                               "resume; rerun with --restart to start afresh (it clears that folder)")
         return None
-    if spec.embedding is not None:
-        raise RecmixError(f"run '{spec.name}' in {spec.output} was interrupted; resuming a parameter-server run is not "
-                          "supported yet (the shard rows of the checkpoint are not kept); rerun with --restart")
     with tempfile.TemporaryDirectory(prefix="recmix-verify-") as tmp:
         if isinstance(fs, pafs.LocalFileSystem):
             local = latest
@@ -246,9 +242,6 @@ def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bo
         log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
     ds = open_dataset(spec.dataset.uri, spec.storage)   # a missing dataset is one line before Ray starts
-    if spec.embedding is not None and spec.scaling.max_workers > 1:
-        raise RecmixError("scaling.workers: a parameter-server run trains with 1 worker for now (workers attaching to "
-                          f"one shard group is not available yet), got {spec.scaling.workers}")
     storage.check_writable(spec.output, spec.storage)
     _check_train_columns(ds)
     preflight(spec, restart, log)
@@ -290,8 +283,13 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
     train_ds = ray.data.read_parquet(ds.split_files("train"), filesystem=ds.filesystem, columns=columns).random_shuffle()
     sc = spec.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+    group = None
+    if spec.embedding is not None:
+        from . import ps_group
+
+        group = ps_group.create(spec, ds.schema)
     progress = _Progress(log)
-    config = {"spec": spec, "dataset_version": ds.version, "progress": progress.queue,
+    config = {"spec": spec, "dataset_version": ds.version, "progress": progress.queue, "group": group and group.ref,
               "serving_uri": storage.join(artifact.version_uri(spec, version), serving) if serving else None}
     s3 = not isinstance(fs, pafs.LocalFileSystem)
     run_config = RunConfig(name=spec.name, storage_path=storage.join(out_root, "checkpoints"),
@@ -309,6 +307,8 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
         result = trainer.fit()
     finally:
         progress.close()
+        if group is not None:
+            group.destroy()
     out = result.return_value
     if not out or "fit" not in out:
         raise RuntimeError(f"Ray Train run '{spec.name}' ended without a result from rank 0 ({result.error!r})")

@@ -167,13 +167,21 @@ def evaluate(model, data: SplitArrays, batch_size: int, ctx: Context, warm_users
     return ctx.broadcast(res)
 
 
+class Sparse(Protocol):
+    """State outside the state_dict (parameter-server rows), kept in step with the dense weights: the best
+    epoch's (`snapshot` / `restore`) and each checkpoint's (`save_into` / `load_from`, collective calls)."""
+
+    def snapshot(self, epoch: int) -> None: ...
+    def restore(self, epoch: int) -> None: ...
+    def save_into(self, checkpoint_dir: Optional[str], checkpoint_id: str) -> None: ...
+    def load_from(self, checkpoint_dir: str, checkpoint_id: str) -> None: ...
+
+
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ctx: Context, *, eval_batch_size: int,
         epochs: int, patience: int, every_steps: Optional[int] = None, meta: Optional[dict] = None,
-        snapshot: Optional[Callable[[int], None]] = None, restore: Optional[Callable[[int], None]] = None,
-        progress_s: float = PROGRESS_S) -> FitResult:
-    """Stops after `patience` epochs in a row without a better valid AUC. `snapshot(epoch)` / `restore(epoch)`
-    keep state outside the state_dict (parameter-server rows) in step with the best epoch's dense weights.
-    `meta` (dataset version, world size) is stored in every checkpoint and checked on resume."""
+        sparse: Optional[Sparse] = None, progress_s: float = PROGRESS_S) -> FitResult:
+    """Stops after `patience` epochs in a row without a better valid AUC. `meta` (the dataset version) is
+    stored in every checkpoint and checked on resume."""
     inner = unwrap(model)
     st = ckpt.TrainerState(meta=meta or {})
     best_state = None
@@ -181,11 +189,15 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
     if found is not None:
         st, best_state = ckpt.load(found, inner, optimizer)
         ckpt.check_meta(st, meta or {}, found)
+        if sparse is not None:
+            sparse.load_from(found, f"step-{st.step}")
         ctx.log(f"[train] resuming from step {st.step} (epoch {st.epoch + 1}, {st.step_in_epoch} steps into it)")
     resumed_from = st.step
 
     def save(metrics: dict) -> None:
         d = ckpt.save(st, inner, optimizer, best_state) if ctx.rank == 0 and ctx.checkpoints else None
+        if sparse is not None and ctx.checkpoints:
+            sparse.save_into(d, f"step-{st.step}")
         ctx.report({**metrics, "step": st.step, "epoch": st.epoch}, d)
 
     while st.epoch < epochs and not st.stopped:
@@ -230,8 +242,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
         if val["auc"] > st.best_auc:
             st.best_auc, st.best_epoch, st.bad = val["auc"], epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in inner.state_dict().items()})
-            if snapshot is not None:
-                snapshot(epoch)
+            if sparse is not None:
+                sparse.snapshot(epoch)
         else:
             st.bad += 1
             if st.bad >= patience:
@@ -242,8 +254,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
         save(rec)
     if best_state is not None:
         inner.load_state_dict(best_state)
-        if restore is not None and st.best_epoch != st.epoch:
-            restore(st.best_epoch)
+        if sparse is not None and st.best_epoch != st.epoch:
+            sparse.restore(st.best_epoch)
     val, _ = evaluate(model, feed.valid, eval_batch_size, ctx)
     tst, probs = evaluate(model, feed.test, eval_batch_size, ctx, feed.warm_users)
     if ctx.rank == 0:

@@ -137,26 +137,24 @@ def train_loop_per_worker(config: dict) -> dict:
         ctx.log(f"[train] worker group: {ctx.world_size} rank(s), pids {' '.join(map(str, pids))}, device {ctx.device}")
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
-    sharded = None
+    tables = None
     if spec.embedding is not None:
-        from .sparse import ShardedTables
+        from .ps_group import WorkerTables
 
-        sharded = ShardedTables(spec, ds.schema, None)
+        tables = WorkerTables(spec, ds.schema, config["group"], ctx)
     try:
-        model = build_model(spec.model, ds.schema, sharded.lookup if sharded else None).to(ctx.device)
+        model = build_model(spec.model, ds.schema, tables.lookup if tables else None).to(ctx.device)
         opt = make_optimizer(model, spec.optimizer)
         feed = ShardFeed(spec, ds, ray.train.get_dataset_shard("train"), ctx.rank, ctx.world_size)
         res = fit(wrap(model, ctx), opt, feed, ctx, eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,
                   patience=spec.early_stopping.patience, every_steps=spec.checkpoint.every_steps,
-                  meta={"dataset_version": ds.version}, snapshot=sharded.snapshot if sharded else None,
-                  restore=sharded.restore if sharded else None)
+                  meta={"dataset_version": ds.version}, sparse=tables)
         extra = {}
-        if sharded is not None and ctx.rank == 0:
-            extra = {"embeddings": sharded.save_final(), "ps_rows": sharded.lookup.client.counts(),
-                     "serving_rows": sharded.save(config["serving_uri"])}
+        if tables is not None and ctx.rank == 0:
+            extra = {"embeddings": config["serving_uri"], "ps_rows": tables.serving_snapshot(config["serving_uri"])}
     finally:
-        if sharded is not None:
-            sharded.close()
+        if tables is not None:
+            tables.close()
     if ctx.rank != 0:
         return {}
     return {"fit": res, "world_size": ctx.world_size, "pid": os.getpid(), **extra}

@@ -1,0 +1,104 @@
+"""Parameter-server tables in a Ray Train run: one shard group per run, shared by every worker.
+
+The driver creates the group (`recmix.actors.group`, detached named actors in the run's namespace) and
+destroys it at the end; workers attach by name (batch mode; sparse gradients scaled by 1 / world size, as
+DDP averages the dense ones) and never stop it. Rank 0 alone touches snapshots, between two barriers after
+every rank waited for its pushes: one inside each dense checkpoint (`ps/`, tied to the checkpoint's name, so
+a resume restores exactly the rows of the checkpoint it resumes from) and one per new best epoch under the
+run folder (`ps-best/`, restored exactly when a later epoch was worse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from recmix.platform import storage
+from recmix.platform.specs.train import TrainSpec
+
+SUBDIR = "ps"
+
+
+def namespace(spec: TrainSpec) -> str:
+    """One per run (name + output): a rerun finds a leftover group of its own run, never another run's."""
+    return f"recmix-train-{spec.name}-{hashlib.sha1(spec.output.encode()).hexdigest()[:10]}"
+
+
+def create(spec: TrainSpec, schema):
+    """Driver: a fresh group (a leftover one of this run, from a killed driver, is destroyed first)."""
+    from recmix.actors.group import create_group, destroy_group
+    from recmix.models.embedding import tables_from_schema
+
+    ns = namespace(spec)
+    destroy_group(spec.embedding.name, ns)
+    return create_group(spec.embedding, {t: s.dim for t, s in tables_from_schema(schema).items()}, namespace=ns)
+
+
+class WorkerTables:
+    """A worker's side: the model's lookup over the run's group, and rank 0's snapshot duties."""
+
+    def __init__(self, spec: TrainSpec, schema, ref, ctx):
+        from recmix.actors.group import attach_lookup
+        from recmix.actors.lookup import LookupMode, grad_scale_for
+        from recmix.models.embedding import tables_from_schema
+
+        self.spec, self.ctx = spec, ctx
+        self.lookup = attach_lookup(ref, tables_from_schema(schema), mode=LookupMode.batch, device=ctx.device,
+                                    grad_scale=grad_scale_for(ctx.world_size))
+        fs, root = storage.resolve(spec.output, spec.storage)
+        self.best_root = storage.join(spec.output, "checkpoints", spec.name, "ps-best")
+
+    def _quiet(self) -> None:
+        """Every rank's pushes have landed (barrier after the waits)."""
+        self.lookup.wait()
+        self.ctx.gather(0)
+
+    def _on_rank0(self, fn) -> None:
+        self._quiet()
+        if self.ctx.rank == 0:
+            fn()
+        self.ctx.gather(0)
+
+    def snapshot(self, epoch: int) -> None:
+        from recmix.actors.snapshot import save_snapshot
+
+        uri = storage.join(self.best_root, f"epoch-{epoch}")
+        self._on_rank0(lambda: (_clear(uri, self.spec), save_snapshot(self.lookup.client, uri, f"epoch-{epoch}",
+                                                                       self.spec.storage)))
+
+    def restore(self, epoch: int) -> None:
+        from recmix.actors.snapshot import restore_snapshot
+
+        uri = storage.join(self.best_root, f"epoch-{epoch}")
+        self._on_rank0(lambda: restore_snapshot(self.lookup.client, uri, f"epoch-{epoch}", self.spec.storage))
+
+    def save_into(self, checkpoint_dir: str | None, checkpoint_id: str) -> None:
+        """Collective: rank 0 writes the snapshot into the (local) checkpoint folder it is about to report."""
+        from recmix.actors.snapshot import save_snapshot
+
+        self._on_rank0(lambda: save_snapshot(self.lookup.client, os.path.join(checkpoint_dir, SUBDIR), checkpoint_id))
+
+    def load_from(self, checkpoint_dir: str, checkpoint_id: str) -> None:
+        """Collective: the shards return exactly to the snapshot of the checkpoint a resume starts from."""
+        from recmix.actors.snapshot import restore_snapshot
+
+        self._on_rank0(lambda: restore_snapshot(self.lookup.client, os.path.join(checkpoint_dir, SUBDIR), checkpoint_id))
+
+    def serving_snapshot(self, uri: str) -> dict:
+        """Rank 0, at the end: the rows (every id the run pulled, test included) for the artifact."""
+        from recmix.actors import checkpoint
+
+        self.lookup.wait()
+        return checkpoint.save(self.lookup.client, uri, self.spec.storage)["rows"]
+
+    def close(self) -> None:
+        self.lookup.close()   # releases the client only: the driver owns the shards
+
+
+def _clear(uri: str, spec: TrainSpec) -> None:
+    """A best-epoch snapshot left by an earlier attempt of this epoch (a restarted worker group) is replaced."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri, spec.storage)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
