@@ -13,6 +13,7 @@ of times; the shard applies each request once (shard.py), so a retry never doubl
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -131,8 +132,13 @@ class RayShards:
         tag = uuid.uuid4().hex[:8]
         self.buffers = [shm.Buffer(f"{tag}-{i}") if same_node_buffers and shm.available() else None
                         for i in range(len(self.shards))]
+        self.pull_lock = threading.Lock()      # one pull at a time per buffer (pass prefetch thread)
 
     def pull(self, per_shard: dict[int, dict], with_state: bool) -> dict[int, dict]:
+        with self.pull_lock:
+            return self._pull(per_shard, with_state)
+
+    def _pull(self, per_shard: dict[int, dict], with_state: bool) -> dict[int, dict]:
         import ray
 
         refs, plain = {}, {}
