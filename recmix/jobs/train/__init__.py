@@ -198,9 +198,12 @@ def check_resources(spec: TrainSpec) -> None:
     sc = spec.scaling
     n = sc.workers[0] if isinstance(sc.workers, tuple) else sc.workers
     cpus, have = n * sc.cpus_per_worker, float(total.get("CPU", 0))
-    if cpus + 1 > have:   # Ray Data's read tasks need a CPU beside the workers' (they would starve otherwise)
-        raise RecmixError(f"scaling: {n} workers x {sc.cpus_per_worker:g} CPU need {cpus:g} CPUs plus 1 for Ray Data; the "
-                          f"cluster has {have:g} (lower scaling.workers or scaling.cpus_per_worker, or add CPUs)")
+    emb = spec.embedding
+    shards = emb.shards * emb.num_cpus if emb is not None else 0.0
+    if cpus + shards + 1 > have:   # Ray Data's read tasks need a CPU beside the workers' (they would starve otherwise)
+        also = f", the embedding shards {shards:g}" if shards else ""
+        raise RecmixError(f"scaling: {n} workers x {sc.cpus_per_worker:g} CPU need {cpus:g} CPUs{also} plus 1 for Ray Data; "
+                          f"the cluster has {have:g} (lower scaling.workers or scaling.cpus_per_worker, or add CPUs)")
     if sc.use_gpu and float(total.get("GPU", 0)) < n:
         raise RecmixError(f"scaling: {n} workers with use_gpu need {n} GPUs; the cluster has {total.get('GPU', 0):g}")
 
