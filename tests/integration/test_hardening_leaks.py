@@ -181,3 +181,50 @@ def test_a_cluster_left_running_is_shut_down_at_exit():
     pid = int(proc.stdout.strip().splitlines()[-1].split()[0])
     time.sleep(0.5)
     assert _leftovers(pid) == []
+
+
+@pytest.fixture(scope="module")
+def ml100k_prepared(tmp_path_factory, ml100k_dir):
+    from recmix.jobs.prepare import run
+    from recmix.platform.specs.cluster import ClusterConfig
+    from recmix.platform.specs.prepare import PrepareSpec
+
+    out = tmp_path_factory.mktemp("ml") / "ds"
+    run(PrepareSpec.model_validate({"kind": "prepare", "source": {"type": "movielens100k", "path": str(ml100k_dir)},
+                                    "output": {"uri": str(out)}}), ClusterConfig())
+    return out
+
+
+def _train_spec(tmp_path: Path, dataset: Path) -> Path:
+    spec = yaml.safe_load((REPO / "examples/train-ml100k.yaml").read_text())
+    spec.update(dataset={"uri": str(dataset)}, output=str(tmp_path / "run"), epochs=2, cluster={"num_cpus": 3})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("point", ["ray-start-up", "training"])
+def test_ctrl_c_during_train_leaves_nothing(tmp_path, ml100k_prepared, point):
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(_train_spec(tmp_path, ml100k_prepared))], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    if point == "ray-start-up":
+        _wait_for(lambda: _ray_starting(proc.pid), proc=proc)
+    else:
+        _wait_for(lambda: any("[train] epoch" in l or "worker group" in l for l in lines), timeout=240, proc=proc)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    proc.wait(180)
+    time.sleep(0.5)
+    assert _leftovers(proc.pid) == []
+    assert "Traceback" not in err, err[-3000:]
+    if point == "ray-start-up":
+        assert proc.returncode == 130, "".join(lines[-5:]) + err[-3000:]
+        assert err.strip().splitlines()[-1] == "recmix: interrupted (Ctrl-C)"
+    else:
+        # Ray Train's fit() replaces the SIGINT handler with its own graceful abort, which ends the process
+        # with exit 1 and no line; mapping that to 130 is the train driver's part (reported to its owner).
+        assert proc.returncode != 0
