@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,3 +237,27 @@ def test_s3_dataset_checkpoints_and_artifact(ray_cluster, tiny_dataset, s3_serve
     assert model.artifact["metrics"]["test"]["auc"] == summary["test"]["auc"]
     res = score(f"{out}/artifact", f"s3://{s3_bucket}/ds", storage_cfg=cfg, echo=lambda s: None)
     assert abs(res["auc"] - summary["test"]["auc"]) < 1e-6
+
+
+def test_restart_clears_the_run_and_its_lmdb_before_any_work(tiny_dataset, tmp_path):  # noqa: F811
+    """No Ray: --restart removes the run folder (checkpoints, completion marker) and the PS LMDB folder; without it,
+    a used LMDB folder and no checkpoint is refused (never a silent warm start)."""
+    from recmix.jobs.train import COMPLETE, preflight
+    from recmix.platform.errors import RecmixError
+
+    run = tmp_path / "run" / "checkpoints" / "train"
+    (run / "checkpoint-000000005-1").mkdir(parents=True)
+    (run / COMPLETE).write_text(json.dumps({"artifact": "v1", "test_auc": 0.7}))
+    lmdb = tmp_path / "lmdb"
+    (lmdb / "shard-0").mkdir(parents=True)
+    emb = dict(name="rs", shards=1, lmdb_path=str(lmdb))
+    spec = JOB_ADAPTER.validate_python(spec_dict(tiny_dataset, tmp_path / "run", embedding=emb))
+    with pytest.raises(RecmixError, match="already completed"):
+        preflight(spec, False, lambda s: None)
+    (run / COMPLETE).unlink()
+    shutil.rmtree(run / "checkpoint-000000005-1")
+    with pytest.raises(RecmixError, match="embedding.lmdb_path: .* holds the rows of an earlier run"):
+        preflight(spec, False, lambda s: None)
+    (run / COMPLETE).write_text("{}")
+    assert preflight(spec, True, lambda s: None) is None
+    assert not run.exists() and not lmdb.exists()

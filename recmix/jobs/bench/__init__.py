@@ -46,6 +46,12 @@ def _quality(quick: bool, params: Any) -> BenchReport:
     return quality.run(quick, params)
 
 
+def _train(quick: bool, params: Any) -> BenchReport:
+    from . import train
+
+    return train.run(quick, params)
+
+
 def _ugsep(quick: bool, params: Any) -> BenchReport:
     from . import ugsep
 
@@ -69,6 +75,7 @@ BENCHES: dict[str, Bench] = {
     "models": Bench("CPU fwd+bwd throughput at matched parameters; S-P MoE FFN sparse/dense time", _models),
     "ps": Bench("embedding parameter server vs in-process baselines (pull/push, cold tier, scaling)", _ps),
     "quality": Bench("test AUC of DLRM-MLP, RankMixer, TokenMixer-Large (dense, MoE) per seed on one dataset", _quality),
+    "train": Bench("Ray Train samples/s with 1 and 2 workers, parameter server vs local tables, Ray Data feed rate", _train),
     "ugsep": Bench("UG-Sep per-request latency vs unmasked TokenMixer-Large, beside the FLOPs ratio", _ugsep),
     "ugsep_quality": Bench("test AUC of UG-Sep 1:1 / 3:1 (with, without IC) vs TokenMixer-Large per seed", _ugsep_quality),
     "w8a16": Bench("per-token W8A16 matmul vs fp32 and bf16 weights (CPU; Triton on CUDA)", _w8a16),

@@ -34,17 +34,25 @@ class QualityParams(StrictModel):
         return v
 
 
+class TrainBenchParams(StrictModel):
+    """`train`: Ray Train runs (1 and 2 workers, parameter server vs local tables) and feed rates on one dataset."""
+
+    dataset: Optional[Annotated[str, Field(min_length=1)]] = None  # prepared dataset URI; default: synthetic, in a temp folder
+    batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 1024     # global batch of every run
+
+
 # bench name -> its parameters model
 BENCH_PARAMS: dict[str, type[StrictModel]] = {
     "datagen": NoParams,
     "models": NoParams,
     "ps": NoParams,
     "quality": QualityParams,
+    "train": TrainBenchParams,
     "ugsep": NoParams,
     "ugsep_quality": QualityParams,
     "w8a16": NoParams,
 }
-BenchParams = Union[QualityParams, NoParams]
+BenchParams = Union[QualityParams, TrainBenchParams, NoParams]
 
 
 class BenchSpec(StrictModel):
