@@ -166,7 +166,10 @@ def shutdown() -> None:
 
 def _at_exit() -> None:
     if _TEMP_DIRS:  # only a process that started a cluster (never a Ray worker importing this module)
-        shutdown()
+        try:
+            shutdown()
+        except KeyboardInterrupt:  # a Ctrl-C held off during the cleanup: the process is exiting anyway
+            pass
 
 
 atexit.register(_at_exit)
