@@ -117,7 +117,7 @@ def _scripted_fit(monkeypatch, valid_aucs, patience, progress_s=10.0, n_rows=40)
     train, valid, test = split(n_rows), split(10), split(10)
     aucs = iter(valid_aucs)
 
-    def evaluate(model, data, batch_size, ctx, warm_users=None):
+    def evaluate(model, data, batch_size, ctx, warm_users=None, sparse=None):
         a = next(aucs, 0.5) if data is valid else 0.5
         return {"rows": len(data), "auc": a, "logloss": 0.7}, np.zeros((len(data), 1))
 

@@ -54,12 +54,16 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: SplitArrays, batch_size: int, device="cpu") -> np.ndarray:
-    """Probabilities (N, K) from the serving logits (aux towers ignored), on the unwrapped module."""
+def predict(model: torch.nn.Module, data: SplitArrays, batch_size: int, device="cpu", sparse=None) -> np.ndarray:
+    """Probabilities (N, K) from the serving logits (aux towers ignored), on the unwrapped module; `sparse`
+    opens the parameter-server passes the batches need."""
     m = unwrap(model)
     m.eval()
+    batches = data.batches(batch_size)
+    if sparse is not None:
+        batches = sparse.eval_stream(batches)
     outs = [torch.sigmoid(m({k: v.to(device) for k, v in b.items()}).logits_BK).float().cpu().numpy()
-            for b in data.batches(batch_size)]
+            for b in batches]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, data.labels.shape[1]), np.float32)
 
 
@@ -157,9 +161,9 @@ class FitResult:
     best_state: dict = field(repr=False, default_factory=dict)   # the best epoch's dense state_dict (CPU)
 
 
-def evaluate(model, data: SplitArrays, batch_size: int, ctx: Context, warm_users=None) -> tuple[dict, np.ndarray]:
+def evaluate(model, data: SplitArrays, batch_size: int, ctx: Context, warm_users=None, sparse=None) -> tuple[dict, np.ndarray]:
     """Every rank predicts its slice; rank 0 scores the whole split and broadcasts (metrics, probabilities)."""
-    parts = ctx.gather((predict(model, data, batch_size, ctx.device), data.labels, data.user_key))
+    parts = ctx.gather((predict(model, data, batch_size, ctx.device, sparse), data.labels, data.user_key))
     res = None
     if ctx.rank == 0:
         p, y, u = (np.concatenate([x[i] for x in parts]) for i in range(3))
@@ -169,7 +173,14 @@ def evaluate(model, data: SplitArrays, batch_size: int, ctx: Context, warm_users
 
 class Sparse(Protocol):
     """State outside the state_dict (parameter-server rows), kept in step with the dense weights: the best
-    epoch's (`snapshot` / `restore`) and each checkpoint's (`save_into` / `load_from`, collective calls)."""
+    epoch's (`snapshot` / `restore`) and each checkpoint's (`save_into` / `load_from`, collective calls).
+    `train_stream` / `eval_stream` wrap a batch iterator in the passes it needs; `fresh_pass` is True while the
+    batch just yielded opens a pass (every update before it is in the shards: a step checkpoint may go there)."""
+
+    fresh_pass: bool
+
+    def train_stream(self, batches: Iterator) -> Iterator: ...
+    def eval_stream(self, batches: Iterator) -> Iterator: ...
 
     def snapshot(self, epoch: int) -> None: ...
     def restore(self, epoch: int) -> None: ...
@@ -204,11 +215,21 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
         epoch = st.epoch + 1
         t0 = t_report = time.perf_counter()
         sums: dict[str, float] = dict(st.sums)
-        steps, n_epoch, skip = st.step_in_epoch, 0, st.step_in_epoch
-        for batch in feed.train_batches(epoch):
+        steps, n_epoch, skip, due = st.step_in_epoch, 0, st.step_in_epoch, False
+        stream = feed.train_batches(epoch)
+        for batch in (sparse.train_stream(stream) if sparse is not None else stream):
             if skip:        # resumed mid-epoch: the batches before the checkpoint were trained already
                 skip -= 1
                 continue
+            if due and (sparse is None or sparse.fresh_pass):   # a step checkpoint waits for a pass boundary
+                due = False
+                st.step_in_epoch, st.sums = steps, dict(sums)
+                elapsed = time.perf_counter() - t0
+                st.samples += n_epoch
+                st.train_s += elapsed
+                save({"loss": sums.get("loss", 0.0) / max(steps, 1)})
+                st.samples -= n_epoch
+                st.train_s -= elapsed
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
             parts = train_step(model, batch, optimizer)
             for k, v in parts.items():
@@ -218,19 +239,14 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
             n_epoch += batch["labels"].shape[0] * ctx.world_size
             now = time.perf_counter()
             if every_steps and st.step % every_steps == 0:
-                st.step_in_epoch, st.sums = steps, sums
-                st.samples += n_epoch
-                st.train_s += now - t0
-                save({"loss": sums.get("loss", 0.0) / steps})
-                st.samples -= n_epoch
-                st.train_s -= now - t0
+                due = True
             if ctx.rank == 0 and now - t_report >= progress_s and steps < feed.steps_per_epoch:
                 t_report = now
                 ctx.log(f"[train] epoch {epoch} step {steps}/{feed.steps_per_epoch}: {n_epoch / (now - t0):,.0f} samples/s  "
                         f"loss {sums.get('loss', float('nan')) / steps:.4f}")
         st.samples += n_epoch
         st.train_s += time.perf_counter() - t0
-        val, _ = evaluate(model, feed.valid, eval_batch_size, ctx)
+        val, _ = evaluate(model, feed.valid, eval_batch_size, ctx, sparse=sparse)
         rec = {"epoch": epoch, "step": st.step, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
                "valid_auc": val["auc"], "valid_logloss": val["logloss"], "epoch_s": round(time.perf_counter() - t0, 2),
                "samples_per_s": round(n_epoch / max(time.perf_counter() - t0, 1e-9), 1)}
@@ -256,8 +272,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
         inner.load_state_dict(best_state)
         if sparse is not None and st.best_epoch != st.epoch:
             sparse.restore(st.best_epoch)
-    val, _ = evaluate(model, feed.valid, eval_batch_size, ctx)
-    tst, probs = evaluate(model, feed.test, eval_batch_size, ctx, feed.warm_users)
+    val, _ = evaluate(model, feed.valid, eval_batch_size, ctx, sparse=sparse)
+    tst, probs = evaluate(model, feed.test, eval_batch_size, ctx, feed.warm_users, sparse)
     if ctx.rank == 0:
         t = tst
         ctx.log(f"[train] test auc {t['auc']:.4f} (warm {t.get('auc_warm', float('nan')):.4f}, cold "

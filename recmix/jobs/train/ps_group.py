@@ -1,8 +1,8 @@
 """Parameter-server tables in a Ray Train run: one shard group per run, shared by every worker.
 
 The driver creates the group (`recmix.actors.group`, detached named actors in the run's namespace) and
-destroys it at the end; workers attach by name (batch mode; sparse gradients scaled by 1 / world size, as
-DDP averages the dense ones) and never stop it. Rank 0 alone touches snapshots, between two barriers after
+destroys it at the end; workers attach by name (per-pass working sets by default, `sparse.mode`; sparse
+gradients scaled by 1 / world size, as DDP averages the dense ones) and never stop it. Rank 0 alone touches snapshots, between two barriers after
 every rank waited for its pushes: one inside each dense checkpoint (`ps/`, tied to the checkpoint's name, so
 a resume restores exactly the rows of the checkpoint it resumes from) and one per new best epoch under the
 run folder (`ps-best/`, restored exactly when a later epoch was worse).
@@ -42,11 +42,37 @@ class WorkerTables:
         from recmix.actors.lookup import LookupMode, grad_scale_for
         from recmix.models.embedding import tables_from_schema
 
-        self.spec, self.ctx = spec, ctx
-        self.lookup = attach_lookup(ref, tables_from_schema(schema), mode=LookupMode.batch, device=ctx.device,
+        self.spec, self.ctx, self.schema = spec, ctx, schema
+        self.pass_batches = spec.sparse.pass_batches
+        self.fresh_pass = True
+        self.lookup = attach_lookup(ref, tables_from_schema(schema), mode=LookupMode(spec.sparse.mode.value),
+                                    hbm_rows=spec.sparse.hbm_rows, device=ctx.device,
                                     grad_scale=grad_scale_for(ctx.world_size))
-        fs, root = storage.resolve(spec.output, spec.storage)
         self.best_root = storage.join(spec.output, "checkpoints", spec.name, "ps-best")
+
+    def train_stream(self, batches):
+        """Pass mode: `pass_batches` batches per pass, each pass's ids pulled once (the next pass's pull
+        overlapping this one's steps, its push the next one's); batch mode: the batches as they are."""
+        from itertools import islice
+
+        from recmix.actors.lookup import LookupMode, pass_ids, run_passes
+
+        if self.lookup.mode is LookupMode.batch:
+            yield from batches
+            return
+
+        def passes():
+            it = iter(batches)
+            while chunk := list(islice(it, self.pass_batches)):
+                yield pass_ids(self.schema, chunk), chunk
+
+        for chunk in run_passes(self.lookup, passes()):
+            for i, batch in enumerate(chunk):
+                self.fresh_pass = i == 0
+                yield batch
+        self.fresh_pass = True
+
+    eval_stream = train_stream   # no gradient: the passes only pull (rows the run never saw are created)
 
     def _quiet(self) -> None:
         """Every rank's pushes have landed (barrier after the waits)."""

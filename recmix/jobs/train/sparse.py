@@ -27,6 +27,13 @@ class ShardedTables:
         self.lookup: PSEmbeddingLookup = build_lookup(spec.embedding, tables_from_schema(schema))
         self._tmp = tempfile.mkdtemp(prefix="recmix-ps-best-")
 
+    fresh_pass = True   # batch mode: every step is a pass boundary
+
+    def train_stream(self, batches):
+        return batches
+
+    eval_stream = train_stream
+
     def _uri(self, epoch: int) -> str:
         return f"{self._tmp}/epoch-{epoch}"
 

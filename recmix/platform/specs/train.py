@@ -72,6 +72,22 @@ class FailureConfig(StrictModel):
     max_failures: Annotated[int, Field(ge=0, le=1000)] = 0
 
 
+class SparseMode(str, Enum):
+    pass_ = "pass"
+    batch = "batch"
+
+
+class SparseTraining(StrictModel):
+    """How the workers train parameter-server tables (with `embedding:`). `pass` (as in the paper): a pass of
+    `pass_batches` batches pulls its ids once into the worker's working set, its steps train against it with no
+    remote call, and its updates are pushed at the pass end while the next pass's pull overlaps training.
+    `batch`: a pull and a push per step."""
+
+    mode: SparseMode = SparseMode.pass_
+    pass_batches: Annotated[int, Field(ge=1, le=1_000_000)] = 32
+    hbm_rows: Annotated[int, Field(ge=1, le=2**40)] = 1 << 20   # most rows one working set may hold
+
+
 class TrainSpec(StrictModel):
     kind: Literal["train"]
     dataset: DatasetConfig
@@ -94,8 +110,9 @@ class TrainSpec(StrictModel):
     output: Uri
     storage: StorageConfig = StorageConfig()
     # Present = the sparse tables live in parameter-server shards (Ray actors) instead of the model. The
-    # tables are the dataset schema's (run in batch mode: pull/push per mini-batch).
+    # tables are the dataset schema's; `sparse` says how workers train them.
     embedding: Optional[EmbeddingConfig] = None
+    sparse: SparseTraining = SparseTraining()
     # Where the run happens when the spec is run alone (inside a pipeline, the pipeline's cluster).
     cluster: ClusterConfig = ClusterConfig()
 
