@@ -244,12 +244,13 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
                 t_report = now
                 ctx.log(f"[train] epoch {epoch} step {steps}/{feed.steps_per_epoch}: {n_epoch / (now - t0):,.0f} samples/s  "
                         f"loss {sums.get('loss', float('nan')) / steps:.4f}")
+        trained_s = time.perf_counter() - t0
         st.samples += n_epoch
-        st.train_s += time.perf_counter() - t0
+        st.train_s += trained_s
         val, _ = evaluate(model, feed.valid, eval_batch_size, ctx, sparse=sparse)
         rec = {"epoch": epoch, "step": st.step, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
                "valid_auc": val["auc"], "valid_logloss": val["logloss"], "epoch_s": round(time.perf_counter() - t0, 2),
-               "samples_per_s": round(n_epoch / max(time.perf_counter() - t0, 1e-9), 1)}
+               "samples_per_s": round(n_epoch / max(trained_s, 1e-9), 1)}   # training only, evaluation excluded
         st.history.append(rec)
         if ctx.rank == 0:
             ctx.log(f"[train] epoch {epoch}: step {st.step}  loss {rec.get('train_loss', float('nan')):.4f}  valid auc "
