@@ -1,0 +1,61 @@
+"""Training checkpoints (state.py) and the artifact's read-only row tables, without Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from recmix.jobs.train import state
+from recmix.models.artifact import SnapshotLookup
+from recmix.models.embedding import TableSpec
+from recmix.platform.errors import RecmixError
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    st = state.TrainerState(epoch=2, step=17, best_auc=0.7, best_epoch=1, history=[{"epoch": 1}], meta={"dataset_version": "v1"})
+    d = state.save(st, model, opt, {k: v * 0 for k, v in model.state_dict().items()})
+    try:
+        rng = torch.get_rng_state()
+        torch.rand(3)
+        other = torch.nn.Linear(3, 2)
+        other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
+        got, best = state.load(d, other, other_opt)
+        assert got == st and torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+        assert all((v == 0).all() for v in best.values())
+        assert other_opt.state_dict()["state"][0]["step"] == 1
+        with pytest.raises(RecmixError, match="belongs to dataset_version 'v1', this run has 'v2'"):
+            state.check_meta(got, {"dataset_version": "v2"}, d)
+        for name in state.FILES:   # every file readable with weights_only
+            torch.load(os.path.join(d, name), weights_only=True)
+        with open(os.path.join(d, "optimizer.pt"), "r+b") as f:
+            f.seek(10)
+            f.write(b"\x00\x01")
+        with pytest.raises(RecmixError, match=r"is corrupt \(optimizer.pt"):
+            state.verify(d, "ck")
+        os.remove(os.path.join(d, "best.pt"))
+        with pytest.raises(RecmixError, match=r"is partial \(best.pt is missing\)"):
+            state.verify(d, "ck")
+        os.remove(os.path.join(d, state.TRAINER))
+        with pytest.raises(RecmixError, match="is partial"):
+            state.verify(d, "ck")
+    finally:
+        shutil.rmtree(d)
+
+
+def test_snapshot_lookup_serves_stored_rows_and_zeros_for_unseen_ids():
+    rows = {"item": (np.array([7, 2, 40], np.int64), np.arange(6, dtype=np.float32).reshape(3, 2))}
+    lk = SnapshotLookup({"item": TableSpec("item", 50, 2, False), "user": TableSpec("user", 9, 2, False)}, rows)
+    out = lk.lookup("item", torch.tensor([[2, 7], [3, -1]]))
+    assert out.tolist() == [[[2.0, 3.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]
+    assert lk.lookup("user", torch.tensor([1, 2])).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert not lk.state_dict()   # rows are not part of the dense state_dict
