@@ -306,13 +306,24 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
                            run_config=run_config, datasets={"train": train_ds})
     log(f"[train] Ray Train: {sc.workers} worker(s) x {sc.cpus_per_worker:g} CPU{' + 1 GPU' if sc.use_gpu else ''}, "
         f"run '{spec.name}' in {storage.join(spec.output, 'checkpoints', spec.name)}")
+    import signal
+
+    sigint = signal.getsignal(signal.SIGINT)
     try:
+        # fit() installs Ray Train's Ctrl-C handler: it aborts the run and exits the process (SystemExit) or
+        # returns no result; both become KeyboardInterrupt (one line, exit 130; the checkpoints stay)
         result = trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         progress.close()
         if group is not None:
             group.destroy()
     out = result.return_value
+    if not out and result.error is None:
+        raise KeyboardInterrupt   # aborted by Ctrl-C: the checkpoints stay, a rerun resumes
     if not out or "fit" not in out:
         raise RuntimeError(f"Ray Train run '{spec.name}' ended without a result from rank 0 ({result.error!r})")
     fitted: FitResult = out["fit"]
