@@ -100,6 +100,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_config(args: argparse.Namespace) -> int:
+    from recmix.jobs.serve.config import write
+    from recmix.platform.specs.load import load_spec
+
+    spec = load_spec(args.spec)
+    if spec.kind != "serve":
+        raise RecmixError(f"{args.spec}: serve-config needs a 'serve' spec, got kind '{spec.kind}'")
+    write(spec, args.out)
+    print(f"{args.out}: Serve config for application '{spec.name}' (serve deploy {args.out})")
+    return 0
+
+
 def _bench_epilog() -> str:
     from recmix.jobs.bench import BENCHES
     from recmix.platform.specs.bench import BENCH_PARAMS
@@ -148,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a bench parameter (repeatable), e.g. --set seeds=0,1 --set dataset=./artifacts/synthetic")
     b.set_defaults(fn=_cmd_bench)
+
+    sv = sub.add_parser("serve-config", help="write the Serve config YAML (for `serve deploy`) of a serve spec")
+    sv.add_argument("spec", help="path to the serve spec file")
+    sv.add_argument("-o", "--out", default="serve_config.yaml", help="output file (default: serve_config.yaml)")
+    sv.set_defaults(fn=_cmd_serve_config)
     return p
 
 

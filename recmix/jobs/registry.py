@@ -39,8 +39,14 @@ def _train(restart: bool) -> Runner:
     return functools.partial(run, restart=restart)
 
 
+def _serve(restart: bool) -> Runner:
+    from recmix.jobs.serve import run
+
+    return run
+
+
 # restart: a train job starts afresh instead of resuming its interrupted run (`recmix run --restart`)
-RUNNERS: dict[str, Callable[[bool], Runner]] = {"prepare": _prepare, "bench": _bench, "pipeline": _pipeline, "train": _train}
+RUNNERS: dict[str, Callable[[bool], Runner]] = {"prepare": _prepare, "bench": _bench, "pipeline": _pipeline, "train": _train, "serve": _serve}
 
 
 def runner(kind: str, restart: bool = False) -> Runner:

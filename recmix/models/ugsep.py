@@ -32,6 +32,19 @@ class UserState:
     def n_users(self) -> int:
         return self.x_U[0].shape[0]
 
+    def take(self, index_U: torch.Tensor) -> "UserState":
+        """The states of users `index_U` (a slice of a batched state: a cached user, one request's users)."""
+        return UserState(self.f_U[index_U], [x[index_U] for x in self.x_U],
+                         [tuple(t[index_U] for t in c) for c in self.per_layer])
+
+    @staticmethod
+    def cat(states: "list[UserState]") -> "UserState":
+        """Users of several states stacked in order: user u of states[i] becomes row sum(n_users[:i]) + u."""
+        assert states and all(len(s.x_U) == len(states[0].x_U) for s in states)
+        return UserState(torch.cat([s.f_U for s in states]),
+                         [torch.cat(xs) for xs in zip(*(s.x_U for s in states))],
+                         [tuple(torch.cat(ts) for ts in zip(*layer)) for layer in zip(*(s.per_layer for s in states))])
+
 
 class SideTokenizer(nn.Module):
     """One side's features -> that side's tokens: concat, zero-pad, chunk, per-token Linear(d -> D).

@@ -11,6 +11,7 @@ from .bench import BenchSpec
 from .cluster import ClusterConfig
 from .data import Name
 from .prepare import PrepareSpec
+from .serve import ServeSpec
 from .train import TrainSpec
 
 
@@ -39,6 +40,6 @@ class PipelineSpec(StrictModel):
         return self
 
 
-JobSpec = Annotated[Union[PrepareSpec, BenchSpec, PipelineSpec, TrainSpec], Field(discriminator="kind")]
+JobSpec = Annotated[Union[PrepareSpec, BenchSpec, PipelineSpec, TrainSpec, ServeSpec], Field(discriminator="kind")]
 JOB_ADAPTER: TypeAdapter = TypeAdapter(JobSpec)
-KINDS = {"prepare": PrepareSpec, "bench": BenchSpec, "pipeline": PipelineSpec, "train": TrainSpec}
+KINDS = {"prepare": PrepareSpec, "bench": BenchSpec, "pipeline": PipelineSpec, "train": TrainSpec, "serve": ServeSpec}

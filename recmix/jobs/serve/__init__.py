@@ -1,0 +1,72 @@
+"""`kind: serve`: deploy a model artifact as the Ranker application on Ray Serve (docs/serving.md).
+
+`recmix run serve.yaml` on the embedded cluster serves until Ctrl-C, then deletes the application and stops
+the cluster; with `--address` (or `cluster.address` other than local) it deploys onto that cluster and returns.
+The artifact is checked before Ray starts, so a wrong URI or version is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from recmix.platform import storage
+from recmix.platform.specs.cluster import ClusterConfig
+from recmix.platform.specs.serve import ServeSpec
+
+
+def artifact_uri(spec: ServeSpec) -> str:
+    """The version folder the spec names (LATEST resolved), or a RecmixError naming what is missing."""
+    from recmix.models.artifact import read_doc, resolve_version
+
+    uri = spec.artifact.uri
+    if spec.artifact.version != "LATEST":
+        uri = storage.join(uri.rstrip("/"), spec.artifact.version)
+    uri = resolve_version(uri, spec.storage)
+    read_doc(uri, spec.storage)
+    return uri
+
+
+def deploy(spec: ServeSpec, log: Callable[[str], None] = print) -> str:
+    """Start Serve's proxy on spec.http (ignored by Serve if it already runs) and deploy; returns the base URL.
+    Blocks until the application is RUNNING (a replica that cannot load the artifact fails here)."""
+    from ray import serve
+
+    from .app import application
+
+    serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
+    serve.run(application(spec), name=spec.name, route_prefix=spec.http.route_prefix, blocking=False)
+    prefix = spec.http.route_prefix.rstrip("/")
+    url = f"http://{spec.http.host}:{spec.http.port}{prefix}"
+    log(f"[serve] {spec.name}: POST {url}/v1/rank  (health {url}/v1/health, OpenAPI {url}/openapi.json)")
+    return url
+
+
+def run(spec: ServeSpec, cluster: Optional[ClusterConfig] = None, *,
+        log: Callable[[str], None] = lambda s: print(s, flush=True), wait: Callable[[], None] = None) -> dict:
+    from recmix.platform import cluster as ray_cluster
+
+    cfg = cluster or spec.cluster
+    uri = artifact_uri(spec)
+    log(f"[serve] model {uri}")
+    if cfg.address != "local":
+        ray_cluster.connect(cfg, echo=log)
+        url = deploy(spec, log)
+        log(f"[serve] deployed onto {cfg.address}; remove it with `serve shutdown` or serve.delete('{spec.name}')")
+        return {"url": url, "artifact": uri, "app": spec.name}
+    with ray_cluster.cluster(cfg, echo=log):
+        from ray import serve
+
+        url = deploy(spec, log)
+        try:
+            log("[serve] serving until Ctrl-C")
+            (wait or _forever)()
+        finally:
+            serve.shutdown()
+            log("[serve] stopped")
+    return {"url": url, "artifact": uri, "app": spec.name}
+
+
+def _forever() -> None:
+    while True:
+        time.sleep(3600)

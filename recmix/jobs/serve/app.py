@@ -1,0 +1,181 @@
+"""The Ray Serve application: a `Ranker` deployment with a FastAPI ingress (docs/serving.md).
+
+HTTP: POST /v1/rank, GET /v1/health, GET /v1/model; the OpenAPI document at /openapi.json (docs at /docs).
+Python callers: `handle.rank.remote(RankRequest | dict)` on the app's DeploymentHandle, the same checks.
+Request bodies are read and parsed here rather than by FastAPI so that every bad input maps to one status:
+over `limits.max_body_bytes` 413, not JSON 400, schema or feature errors 422; a 5xx is a bug.
+
+`build_app(args)` is the Serve config's import path target (`recmix serve-config`): args = {"spec": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+
+from recmix.platform.specs.serve import ServeSpec
+
+from .config import deployment_options
+from .features import FeatureCodec, RankRequest, RequestError
+from .scorer import Scorer, UserCache, ranking
+
+api = FastAPI(title="recmix ranker", version="1",
+              description="Ranks candidates for one user with a trained recmix model artifact.")
+
+_RANK_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": RankRequest.model_json_schema(
+    ref_template="#/components/schemas/{model}")}}}}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _validation_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg']}" + (f" ({e.error_count() - 1} more)" if e.error_count() > 1 else "")
+
+
+class Metrics:
+    """`ray.util.metrics`, tag component="serve" (exported as ray_recmix_serve_*)."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Histogram
+
+        tags = ("component", "status")
+        self.requests = Counter("recmix_serve_requests", description="rank requests by HTTP status", tag_keys=tags)
+        self.cache = Counter("recmix_serve_user_cache", description="user-state cache lookups (result: hit, miss)",
+                             tag_keys=("component", "result"))
+        self.unknown = Counter("recmix_serve_unknown_ids", description="ids outside the training vocabulary",
+                               tag_keys=("component",))
+        self.candidates = Counter("recmix_serve_candidates", description="candidates scored", tag_keys=("component",))
+        self.latency = Histogram("recmix_serve_latency_s", description="rank request latency inside the replica",
+                                 boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+                                 tag_keys=("component",))
+        for m in (self.requests, self.cache, self.unknown, self.candidates, self.latency):
+            m.set_default_tags({"component": "serve"})
+
+
+@serve.deployment(name="Ranker")
+@serve.ingress(api)
+class Ranker:
+    def __init__(self, spec: dict):
+        import torch
+
+        from recmix.models.artifact import load_artifact, resolve_version
+        from recmix.platform import storage
+
+        self.spec = ServeSpec.model_validate(spec)
+        if self.spec.threads:
+            torch.set_num_threads(self.spec.threads)
+        uri = self.spec.artifact.uri
+        if self.spec.artifact.version != "LATEST":
+            uri = storage.join(uri.rstrip("/"), self.spec.artifact.version)
+        self.uri = resolve_version(uri, self.spec.storage)
+        model = load_artifact(self.uri, self.spec.storage)
+        doc = model.artifact
+        if self.spec.quant.value == "w8a16":
+            from recmix.models.quantize import quantize_model
+
+            model = quantize_model(model, config=self.spec.w8a16)
+        self.doc = doc
+        self.codec = FeatureCodec(_schema(doc))
+        self.scorer = Scorer(model, doc["version"], UserCache(self.spec.cache.size, self.spec.cache.ttl_s))
+        self.metrics = Metrics()
+        b = self.spec.batching
+        self.batched.set_max_batch_size(b.max_batch_size)
+        self.batched.set_batch_wait_timeout_s(b.wait_s)
+
+    # --- HTTP ---------------------------------------------------------------------------------------------
+
+    @api.post("/v1/rank", openapi_extra=_RANK_BODY)
+    async def http_rank(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        resp = await self._http_rank(request)
+        self.metrics.requests.inc(1.0, tags={"status": str(resp.status_code)})
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        return resp
+
+    async def _http_rank(self, request: Request) -> JSONResponse:
+        limit = self.spec.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return _error(413, f"request body over the limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _error(413, f"request body over the limit of {limit} bytes")
+        try:
+            data = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            return _error(400, f"malformed JSON: {str(e).splitlines()[0][:200]}")
+        try:
+            return JSONResponse(await self.rank(data))
+        except ValidationError as e:
+            return _error(422, _validation_message(e))
+        except RequestError as e:
+            return _error(422, str(e))
+
+    @api.get("/v1/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model_version": self.scorer.version}
+
+    @api.get("/v1/model")
+    async def model_info(self) -> dict:
+        return {"version": self.scorer.version, "uri": self.uri, "arch": self.doc["model"].get("arch"),
+                "ugsep": self.scorer.ugsep, "quant": self.spec.quant.value, "metrics": self.doc.get("metrics"),
+                "features": self.codec.describe(), "limits": self.spec.limits.model_dump(),
+                "created_utc": self.doc.get("created_utc")}
+
+    # --- Python callers (DeploymentHandle) and the HTTP route ----------------------------------------------
+
+    async def rank(self, data: Any) -> dict:
+        """RankRequest (or its dict) -> the response body; ValidationError / RequestError for bad input."""
+        t0 = time.perf_counter()
+        req = data if isinstance(data, RankRequest) else RankRequest.model_validate(data)
+        if len(req.candidates) > self.spec.limits.max_candidates:
+            raise RequestError(f"candidates: {len(req.candidates)} candidates, more than the limit "
+                               f"{self.spec.limits.max_candidates}")
+        enc = self.codec.encode(req)
+        t1 = time.perf_counter()
+        res = await self.batched(enc)
+        if res.cache_hit is not None:
+            self.metrics.cache.inc(1.0, tags={"result": "hit" if res.cache_hit else "miss"})
+        if enc.unknown_ids:
+            self.metrics.unknown.inc(float(enc.unknown_ids))
+        self.metrics.candidates.inc(float(enc.n_candidates))
+        return {"request_id": req.request_id, "model_version": self.scorer.version, "scores": res.scores,
+                "ranking": ranking(res.scores, req.top_k),
+                "timing_ms": {"encode": (t1 - t0) * 1e3, "user": res.user_ms, "candidates": res.candidates_ms,
+                              "total": (time.perf_counter() - t0) * 1e3},
+                "cache_hit": res.cache_hit, "batch_requests": res.batch_requests, "unknown_ids": enc.unknown_ids}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def batched(self, encs: list) -> list:
+        return self.scorer.score_many(encs)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _schema(doc: dict):
+    from recmix.platform.specs.data import FeatureSchema
+
+    return FeatureSchema.model_validate(doc["features"])
+
+
+def application(spec: ServeSpec):
+    return Ranker.options(**deployment_options(spec)).bind(spec.model_dump(mode="json"))
+
+
+def build_app(args: dict):
+    """Serve config entry point: args {"spec": <a serve spec as a dict>}."""
+    return application(ServeSpec.model_validate(args["spec"]))

@@ -1,0 +1,163 @@
+"""Ranking requests -> the tensors training fed the model (recmix.jobs.train.data), from the artifact's schema.
+
+Request-level features (`user`): roles user, sequence and context (one value per request, repeated for every
+candidate where the model reads them per row). Per-candidate features (`candidates[i]`): role item.
+Encoding matches training: categorical int64 ids; lists padded with -1 to max_len; dense float32. Hashed
+features take any int64 id (the model buckets it). An id outside a vocabulary (never seen in training) takes
+the unknown path: a categorical id becomes 0 (the id the dataset conventions keep free: docs/data.md), a list id
+is dropped like padding; both are counted. Everything else a request gets wrong is a RequestError (HTTP 422).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Annotated, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from recmix.platform.specs.data import NAME_RE, Feature, FeatureRole, FeatureSchema, FeatureType
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+REQUEST_ROLES = (FeatureRole.user, FeatureRole.sequence, FeatureRole.context)
+
+Number = Union[StrictInt, Annotated[StrictFloat, Field(allow_inf_nan=False)]]
+Value = Union[Number, Annotated[list[Number], Field(max_length=100_000)]]
+FeatureName = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_RE.pattern)]
+Row = Annotated[dict[FeatureName, Value], Field(max_length=4096)]
+
+
+class RankRequest(BaseModel):
+    """POST /v1/rank. Candidate count is also capped by the spec's `limits.max_candidates`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: Optional[Annotated[str, Field(min_length=1, max_length=128)]] = None
+    user: Row
+    candidates: Annotated[list[Row], Field(min_length=1, max_length=100_000)]
+    top_k: Optional[Annotated[int, Field(ge=1, le=100_000)]] = None
+
+
+class RequestError(ValueError):
+    """A request the schema cannot encode: answered 422 with this message."""
+
+
+@dataclass
+class Encoded:
+    request: dict[str, torch.Tensor]      # request-level features, 1 row each
+    candidates: dict[str, torch.Tensor]   # item features, C rows each
+    n_candidates: int
+    unknown_ids: int
+    user_id: Optional[int]                # the first categorical user-role feature's id, as sent
+
+    def fingerprint(self, names: list[str]) -> str:
+        """Of the encoded values of `names` (equal encodings, equal user state)."""
+        h = hashlib.blake2b(digest_size=16)
+        for n in names:
+            t = self.request[n]
+            h.update(n.encode() + b"\0" + str(t.dtype).encode() + t.numpy().tobytes())
+        return h.hexdigest()
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        """Every feature with C rows (request-level ones repeated), as the training loader builds a batch."""
+        C = self.n_candidates
+        out = {n: t.expand(C, *t.shape[1:]).contiguous() for n, t in self.request.items()}
+        out.update(self.candidates)
+        return out
+
+
+class FeatureCodec:
+    def __init__(self, schema: FeatureSchema):
+        self.request_features = [f for f in schema.inputs if f.role in REQUEST_ROLES]
+        self.candidate_features = [f for f in schema.inputs if f.role not in REQUEST_ROLES]
+        self._user_id = next((f.name for f in self.request_features
+                              if f.role is FeatureRole.user and f.type is FeatureType.categorical), None)
+
+    def describe(self) -> dict:
+        def one(f: Feature) -> dict:
+            d = {"type": f.type.value}
+            if f.type is FeatureType.dense:
+                d["dim"] = f.dim
+            else:
+                d["vocab_size" if f.vocab_size else "hash_buckets"] = f.n_ids
+            if f.max_len:
+                d["max_len"] = f.max_len
+            return d
+        return {"user": {f.name: one(f) for f in self.request_features},
+                "candidate": {f.name: one(f) for f in self.candidate_features}}
+
+    def encode(self, req: RankRequest) -> Encoded:
+        self._check_names(req.user, self.request_features, self.candidate_features, "user", "candidates[i]")
+        unknown = [0]
+        request = {f.name: _column(f, [req.user[f.name]], "user", unknown) for f in self.request_features}
+        for i, row in enumerate(req.candidates):
+            self._check_names(row, self.candidate_features, self.request_features, f"candidates[{i}]", "user")
+        cands = {f.name: _column(f, [row[f.name] for row in req.candidates], "candidates", unknown)
+                 for f in self.candidate_features}
+        uid = req.user.get(self._user_id) if self._user_id else None
+        return Encoded(request, cands, len(req.candidates), unknown[0], uid if isinstance(uid, int) else None)
+
+    @staticmethod
+    def _check_names(row: dict, want: list[Feature], other: list[Feature], where: str, other_where: str) -> None:
+        names = {f.name for f in want}
+        extra = sorted(set(row) - names)
+        if extra:
+            misplaced = [n for n in extra if n in {f.name for f in other}]
+            if misplaced:
+                raise RequestError(f"{where}: feature '{misplaced[0]}' belongs in {other_where}")
+            raise RequestError(f"{where}: unknown feature '{extra[0]}' (expected: {', '.join(sorted(names))})")
+        missing = [f.name for f in want if f.name not in row]
+        if missing:
+            raise RequestError(f"{where}: missing feature '{missing[0]}'")
+
+
+def _column(f: Feature, values: list, where: str, unknown: list[int]) -> torch.Tensor:
+    if f.type is FeatureType.categorical:
+        ids = np.array([_int(v, f, where) for v in values], dtype=np.int64)
+        if f.vocab_size:
+            bad = (ids < 0) | (ids >= f.vocab_size)
+            unknown[0] += int(bad.sum())
+            ids[bad] = 0
+        return torch.from_numpy(ids)
+    if f.type is FeatureType.dense:
+        rows = [_dense(v, f, where) for v in values]
+        arr = np.array(rows, dtype=np.float32)
+        return torch.from_numpy(arr.reshape(len(values)) if f.dim == 1 else arr.reshape(len(values), f.dim))
+    out = np.full((len(values), int(f.max_len)), -1, dtype=np.int64)
+    for r, v in enumerate(values):
+        if not isinstance(v, list):
+            raise RequestError(f"{where}: feature '{f.name}' ({f.type.value}) takes a list of ids, got {type(v).__name__}")
+        if len(v) > f.max_len:
+            raise RequestError(f"{where}: feature '{f.name}' has {len(v)} ids, more than max_len {f.max_len}")
+        ids = np.array([_int(x, f, where) for x in v], dtype=np.int64)
+        if f.vocab_size:
+            keep = (ids >= 0) & (ids < f.vocab_size)
+            unknown[0] += int((~keep).sum())
+            ids = ids[keep]
+        out[r, :len(ids)] = ids
+    return torch.from_numpy(out)
+
+
+def _int(v, f: Feature, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"{where}: feature '{f.name}' ({f.type.value}) takes integer ids, got {_kind(v)}")
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise RequestError(f"{where}: feature '{f.name}' id {v} is outside int64")
+    return v
+
+
+def _dense(v, f: Feature, where: str) -> list[float]:
+    vals = v if isinstance(v, list) else [v]
+    if len(vals) != f.dim:
+        raise RequestError(f"{where}: dense feature '{f.name}' takes {f.dim} number(s), got {len(vals) if isinstance(v, list) else 'a scalar'}")
+    for x in vals:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or abs(x) > 3.4e38:
+            raise RequestError(f"{where}: dense feature '{f.name}' takes finite float32 numbers, got {x!r}")
+    return [float(x) for x in vals]
+
+
+def _kind(v) -> str:
+    return "a list" if isinstance(v, list) else repr(v)
