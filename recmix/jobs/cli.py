@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("spec", help="path to the serve spec file")
     sv.add_argument("-o", "--out", default="serve_config.yaml", help="output file (default: serve_config.yaml)")
     sv.set_defaults(fn=_cmd_serve_config)
+
+    from recmix.jobs import submit  # recmix submit, recmix jobs list|logs|stop (Ray Jobs API)
+
+    submit.add_parsers(sub)
     return p
 
 

@@ -7,6 +7,10 @@
   cluster whose token this process lacks fails after Ray's ~20 s of retries; `connect` turns that into one
   RecmixError line saying what to export.
 * Every start or join prints one `[ray]` line with the dashboard URL (or why there is none).
+* Where `RAY_ADDRESS` names a cluster (a Ray job's driver: `recmix submit`, `ray job submit -- recmix run`),
+  `address: local` joins that cluster instead of starting a nested one, and worker logs go to the driver (so
+  they reach the job's logs).
+* The driver's actors live in the Ray namespace `recmix` (named groups may set their own).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Callable, Iterator, Optional
 from recmix.platform import cleanup
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
+
+NAMESPACE = "recmix"
 
 
 def free_port() -> int:
@@ -39,12 +45,16 @@ def connect(
     cfg = cfg or ClusterConfig()
     if ray.is_initialized():
         return ray.get_runtime_context()
-    if cfg.address != "local":
+    ambient = os.environ.get("RAY_ADDRESS", "").strip()
+    if cfg.address != "local" or ambient:
+        # inside a Ray job the ambient cluster wins over `local`: a nested cluster would compete for its CPUs
+        address = ambient if cfg.address == "local" else cfg.address
         try:
-            ctx = ray.init(address=cfg.address, log_to_driver=not quiet)
+            ctx = ray.init(address=address, namespace=NAMESPACE, log_to_driver=bool(ambient) or not quiet)
         except ConnectionError as e:
-            raise RecmixError(_join_failure(cfg.address, e)) from None
-        echo(f"[ray] joined the cluster at {cfg.address}; {_dashboard(ctx.dashboard_url, 'the cluster runs without one')}")
+            raise RecmixError(_join_failure(address, e)) from None
+        why = " (RAY_ADDRESS)" if address == ambient else ""
+        echo(f"[ray] joined the cluster at {address}{why}; {_dashboard(ctx.dashboard_url, 'the cluster runs without one')}")
         return ctx
     cleanup.sweep_stale()  # what a SIGKILLed run left behind
     # Short path: Ray's unix sockets live under the temp dir and must stay below ~100 characters.
@@ -54,6 +64,7 @@ def connect(
     try:
         ctx = ray.init(
             address="local",
+            namespace=NAMESPACE,
             num_cpus=cfg.num_cpus if cfg.num_cpus is not None else max(4, os.cpu_count() or 1),
             include_dashboard=include_dashboard,
             dashboard_host=cfg.dashboard_host,
