@@ -170,8 +170,10 @@ def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
         return None
     if _exists(fs, storage.join(run, COMPLETE)):
         done = storage.read_json(fs, storage.join(run, COMPLETE))
+        auc = done.get("test_auc")
+        shown = f"{auc:.4f}" if isinstance(auc, (int, float)) else "n/a"
         raise RecmixError(f"run '{spec.name}' in {spec.output} already completed (artifact {done.get('artifact')}, test AUC "
-                          f"{done.get('test_auc')}); rerun with --restart to train it again, or set a new output or name")
+                          f"{shown}); rerun with --restart to train it again, or set a new output or name")
     latest = latest_checkpoint(fs, run) if _exists(fs, run) else None
     if latest is None:
         if lmdb and os.path.isdir(lmdb) and os.listdir(lmdb):
