@@ -37,12 +37,14 @@ def write_spec(tmp_path, d: dict, name="train.yaml"):
 
 
 @pytest.mark.slow
-def test_two_workers_train_publish_and_round_trip(ray_cluster, tiny_dataset, tmp_path, capsys):  # noqa: F811
+def test_two_workers_train_publish_and_round_trip(ray_cluster, tiny_dataset, tmp_path, capsys, monkeypatch):  # noqa: F811
     from recmix.jobs.train.score import score
     from recmix.models.artifact import load_artifact
 
     out = tmp_path / "run"
-    path = write_spec(tmp_path, spec_dict(tiny_dataset, out, scaling=dict(workers=2), checkpoint=dict(every_steps=15, keep=2)))
+    monkeypatch.chdir(tmp_path)   # relative paths in the spec: the workers run in another working directory
+    path = write_spec(tmp_path, spec_dict(os.path.relpath(tiny_dataset, tmp_path), "run", scaling=dict(workers=2),
+                                          checkpoint=dict(every_steps=15, keep=2)))
     assert main(["run", str(path), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])

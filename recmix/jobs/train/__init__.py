@@ -192,6 +192,17 @@ def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
     return step
 
 
+def absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """Local paths made absolute here: Ray Train workers run in another working directory."""
+    def local(uri: str) -> str:
+        return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
+
+    update = {"dataset": spec.dataset.model_copy(update={"uri": local(spec.dataset.uri)}), "output": local(spec.output)}
+    if spec.embedding is not None and spec.embedding.lmdb_path:
+        update["embedding"] = spec.embedding.model_copy(update={"lmdb_path": os.path.abspath(spec.embedding.lmdb_path)})
+    return spec.model_copy(update=update)
+
+
 def check_resources(spec: TrainSpec) -> None:
     """More workers than the cluster can place would wait forever: refuse before training, naming the numbers."""
     import ray
@@ -246,6 +257,7 @@ class _Progress:
 def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bool = False,
         log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
+    spec = absolute_paths(spec)
     ds = open_dataset(spec.dataset.uri, spec.storage)   # a missing dataset is one line before Ray starts
     storage.check_writable(spec.output, spec.storage)
     _check_train_columns(ds)
