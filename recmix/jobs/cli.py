@@ -166,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("-o", "--out", default="serve_config.yaml", help="output file (default: serve_config.yaml)")
     sv.set_defaults(fn=_cmd_serve_config)
 
-    from recmix.jobs import submit  # recmix submit, recmix jobs list|logs|stop (Ray Jobs API)
+    from recmix.jobs import k8s, submit  # recmix submit, recmix jobs list|logs|stop (Ray Jobs API), recmix k8s
 
     submit.add_parsers(sub)
+    k8s.add_parser(sub)
     return p
 
 
