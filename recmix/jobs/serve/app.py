@@ -8,7 +8,8 @@ over `limits.max_body_bytes` 413, not JSON 400, schema or feature errors 422; a 
 `build_app(args)` is the Serve config's import path target (`recmix serve-config`): args = {"spec": ...}.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the route annotations from the class Serve serialized
+# by value, whose globals hold only the names its code uses (a string "Request" would not resolve).
 
 import json
 import time
@@ -40,6 +41,17 @@ def _validation_message(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "body"
     return f"{where}: {err['msg']}" + (f" ({e.error_count() - 1} more)" if e.error_count() > 1 else "")
+
+
+# Above the deployment: Serve serializes the class (and the globals it names) when its decorator runs.
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _schema(doc: dict):
+    from recmix.platform.specs.data import FeatureSchema
+
+    return FeatureSchema.model_validate(doc["features"])
 
 
 class Metrics:
@@ -160,16 +172,6 @@ class Ranker:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def batched(self, encs: list) -> list:
         return self.scorer.score_many(encs)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _schema(doc: dict):
-    from recmix.platform.specs.data import FeatureSchema
-
-    return FeatureSchema.model_validate(doc["features"])
 
 
 def application(spec: ServeSpec):

@@ -1,0 +1,138 @@
+"""Ray Serve end to end over real HTTP on 127.0.0.1: one Ranker app shared by the module's tests.
+
+Served scores equal load_artifact's offline scores; a user-cache hit equals the miss; >= 200 malformed
+requests get only 4xx and the replica keeps serving; the DeploymentHandle path; OpenAPI, health, model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import requests
+
+from recmix.models.artifact import load_artifact
+from recmix.platform.cluster import free_port
+from recmix.platform.specs.serve import ServeSpec
+from tests.serve_fixture import offline_scores, request_rows, write_artifact
+
+pytestmark = pytest.mark.slow
+APP = "ranker_test"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from recmix.jobs.serve import deploy
+
+    root = write_artifact(str(tmp_path_factory.mktemp("artifact")))
+    port = free_port()
+    spec = ServeSpec.model_validate({"kind": "serve", "name": APP, "artifact": {"uri": root},
+                                     "replicas": {"cpus": 0.25, "max_ongoing_requests": 8},
+                                     "batching": {"max_batch_size": 4, "wait_s": 0.002},
+                                     "limits": {"max_candidates": 64, "max_body_bytes": 65536},
+                                     "http": {"port": port}})
+    url = deploy(spec, log=lambda s: None)
+    yield url, load_artifact(root)
+    serve.delete(APP)
+    serve.shutdown()
+
+
+def post(url, body, **kw):
+    return requests.post(f"{url}/v1/rank", data=body if isinstance(body, (bytes, str)) else json.dumps(body),
+                         headers={"content-type": "application/json"}, timeout=30, **kw)
+
+
+def test_scores_equal_offline_and_cache(served):
+    url, model = served
+    body = request_rows(32, seed=1, user=7)
+    r1 = post(url, body)
+    assert r1.status_code == 200, r1.text
+    out = r1.json()
+    assert out["model_version"] == "v1" and out["request_id"] == "r1" and out["cache_hit"] is False
+    offline = offline_scores(model, body)
+    assert max(abs(a - b) for a, b in zip(out["scores"], offline)) < 1e-5
+    assert out["ranking"] == sorted(range(32), key=lambda i: (-out["scores"][i], i))
+    assert set(out["timing_ms"]) == {"encode", "user", "candidates", "total"}
+    hit = post(url, {**body, "top_k": 5}).json()
+    assert hit["cache_hit"] is True and hit["scores"] == out["scores"] and hit["ranking"] == out["ranking"][:5]
+    body["user"]["hist_items"] = [2, 4]
+    changed = post(url, body).json()
+    assert changed["cache_hit"] is False
+    assert max(abs(a - b) for a, b in zip(changed["scores"], offline_scores(model, body))) < 1e-5
+
+
+def test_health_model_openapi_and_handle(served):
+    from ray import serve
+
+    url, _ = served
+    assert requests.get(f"{url}/v1/health", timeout=10).json() == {"status": "ok", "model_version": "v1"}
+    info = requests.get(f"{url}/v1/model", timeout=10).json()
+    assert info["ugsep"] is True and "hist_items" in info["features"]["user"]
+    doc = requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert "/v1/rank" in doc["paths"] and "requestBody" in doc["paths"]["/v1/rank"]["post"]
+    h = serve.get_app_handle(APP)
+    res = h.rank.remote(request_rows(4, seed=2)).result(timeout_s=30)
+    assert len(res["scores"]) == 4 and res["model_version"] == "v1"
+
+
+def malformed(rng: random.Random, i: int):
+    good = request_rows(3, seed=i)
+    kind = i % 20
+    b = json.loads(json.dumps(good))
+    if kind == 0:
+        return b"{not json"
+    if kind == 1:
+        return json.dumps(good)[: rng.randrange(1, 40)]
+    if kind == 2:
+        b.pop("user")
+    elif kind == 3:
+        b["extra"] = 1
+    elif kind == 4:
+        b["candidates"] = []
+    elif kind == 5:
+        b["candidates"] = b["candidates"] * 30          # 90 > max_candidates 64
+    elif kind == 6:
+        return json.dumps(good).replace("0.25", "NaN")
+    elif kind == 7:
+        return json.dumps(good).replace("0.25", "Infinity")
+    elif kind == 8:
+        b["user"]["hour"] = "x" * rng.randrange(1, 10)
+    elif kind == 9:
+        b["user"]["nope"] = 1
+    elif kind == 10:
+        b["candidates"][0]["hour"] = 3
+    elif kind == 11:
+        b["user"]["hist_items"] = list(range(50))
+    elif kind == 12:
+        b["candidates"][rng.randrange(3)]["genres"] = {"a": 1}
+    elif kind == 13:
+        b["top_k"] = -rng.randrange(0, 5)
+    elif kind == 14:
+        return b"[]"
+    elif kind == 15:
+        return b"x" * 70000                              # over max_body_bytes: 413
+    elif kind == 16:
+        b["user"]["zip_prefix"] = 2**70
+    elif kind == 17:
+        b["candidates"] = "none"
+    elif kind == 18:
+        return b"\xff\xfe\x00"
+    else:
+        b["user"]["score"] = [1.0, 2.0, 3.0]
+    return b
+
+
+def test_fuzz_only_4xx_then_valid(served):
+    url, _ = served
+    rng = random.Random(0)
+    statuses = []
+    for i in range(220):
+        r = post(url, malformed(rng, i))
+        statuses.append(r.status_code)
+        assert 400 <= r.status_code < 500, (i, r.status_code, r.text[:200])
+        assert r.json()["error"] or r.status_code == 413
+    assert 413 in statuses and 400 in statuses and 422 in statuses
+    ok = post(url, request_rows(5, seed=3))
+    assert ok.status_code == 200 and len(ok.json()["scores"]) == 5

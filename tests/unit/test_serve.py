@@ -1,0 +1,159 @@
+"""Serving without Ray: the serve spec, request models, feature encoding, the scorer and its user cache,
+UserState take/cat, and the Serve config export (validated with Serve's own schema)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from recmix.jobs.serve.config import serve_config
+from recmix.jobs.serve.features import FeatureCodec, RankRequest, RequestError
+from recmix.jobs.serve.scorer import Scorer, UserCache, ranking
+from recmix.models.artifact import load_artifact
+from recmix.models.toy import toy_schema
+from recmix.models.ugsep import UserState
+from recmix.platform.specs.load import parse_spec
+from recmix.platform.specs.serve import ServeSpec
+from tests.serve_fixture import offline_scores, request_rows, write_artifact
+
+
+def spec(**kw) -> ServeSpec:
+    return ServeSpec.model_validate({"kind": "serve", "artifact": {"uri": "./a"}, **kw})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_artifact(write_artifact(str(tmp_path_factory.mktemp("art"))))
+
+
+def test_spec_defaults_and_strictness():
+    s = spec()
+    assert (s.http.host, s.artifact.version, s.replicas.min, s.quant.value) == ("127.0.0.1", "LATEST", 1, "off")
+    with pytest.raises(ValidationError, match="max_replica"):
+        spec(replicas={"max_replica": 2})
+    with pytest.raises(ValidationError, match="replicas.min 3 is larger than replicas.max 2"):
+        spec(replicas={"min": 3, "max": 2})
+    with pytest.raises(ValidationError, match="max_batch_size 32 exceeds replicas.max_ongoing_requests 16"):
+        spec(batching={"max_batch_size": 32})
+    with pytest.raises(ValidationError, match="look_back_period_s"):
+        spec(replicas={"look_back_period_s": 5})
+    assert parse_spec({"kind": "serve", "artifact": {"uri": "s3://bucket/a"}}, "x").kind == "serve"
+
+
+def test_serve_config_passes_serves_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    s = spec(replicas={"min": 1, "max": 3, "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 11,
+                       "cpus": 0.5}, http={"port": 8123})
+    cfg = serve_config(s)
+    parsed = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(cfg)
+    app = parsed.applications[0]
+    assert app.import_path == "recmix.jobs.serve.app:build_app"
+    dep = app.deployments[0]
+    assert dep.name == "Ranker" and dep.autoscaling_config["max_replicas"] == 3
+    assert ServeSpec.model_validate(app.args["spec"]) == s     # the replicas rebuild the same spec
+    assert cfg["http_options"] == {"host": "127.0.0.1", "port": 8123}
+
+
+@pytest.mark.parametrize("body, msg", [
+    ({"user": {}, "candidates": [{}], "extra": 1}, "extra"),
+    ({"candidates": [{}]}, "user"),
+    ({"user": {}, "candidates": []}, "candidates"),
+    ({"user": {"score": math.nan}, "candidates": [{}]}, "user"),
+    ({"user": {"score": math.inf}, "candidates": [{}]}, "user"),
+    ({"user": {"hour": True}, "candidates": [{}]}, "user"),
+    ({"user": {"hour": "3"}, "candidates": [{}]}, "user"),
+    ({"user": {}, "candidates": [{}], "top_k": 0}, "top_k"),
+])
+def test_request_model_refuses(body, msg):
+    with pytest.raises(ValidationError, match=msg):
+        RankRequest.model_validate(body)
+
+
+def test_codec_encodes_like_training_and_takes_unknown_path():
+    codec = FeatureCodec(toy_schema())
+    body = request_rows(3)
+    body["candidates"][0]["item_id"] = 999          # outside vocab 40: unknown -> 0
+    body["candidates"][1]["genres"] = [2, 77, 3]    # 77 outside vocab 19: dropped like padding
+    enc = codec.encode(RankRequest.model_validate(body))
+    b = enc.batch()
+    assert b["item_id"][0] == 0 and enc.unknown_ids == 2
+    assert b["genres"][1].tolist() == [2, 3, -1, -1]
+    assert b["hist_items"].shape == (3, 6) and b["hist_items"][2, -1] == -1
+    assert b["score"].dtype == torch.float32 and b["user_id"].tolist() == [3, 3, 3]
+    assert enc.user_id == 3
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda b: b["user"].pop("hour"), "user: missing feature 'hour'"),
+    (lambda b: b["user"].update(colour=1), "user: unknown feature 'colour'"),
+    (lambda b: b["user"].update(item_id=1), "user: feature 'item_id' belongs in candidates"),
+    (lambda b: b["candidates"][1].update(hour=1), r"candidates\[1\]: feature 'hour' belongs in user"),
+    (lambda b: b["candidates"][0].pop("genres"), r"candidates\[0\]: missing feature 'genres'"),
+    (lambda b: b["user"].update(hist_items=list(range(7))), "more than max_len 6"),
+    (lambda b: b["user"].update(hist_items=3), "takes a list of ids"),
+    (lambda b: b["user"].update(user_id=[1]), "takes integer ids"),
+    (lambda b: b["user"].update(score=[1.0, 2.0]), "takes 1 number"),
+    (lambda b: b["user"].update(score=1e39), "finite float32"),
+    (lambda b: b["user"].update(zip_prefix=2**64), "outside int64"),
+])
+def test_codec_refuses_with_a_message(mutate, msg):
+    body = request_rows(2)
+    mutate(body)
+    with pytest.raises(RequestError, match=msg):
+        FeatureCodec(toy_schema()).encode(RankRequest.model_validate(body))
+
+
+def test_scorer_matches_offline_and_cache(model):
+    codec = FeatureCodec(toy_schema())
+    scorer = Scorer(model, "v1", UserCache(8, 60))
+    body = request_rows(6)
+    miss = scorer.score_many([codec.encode(RankRequest.model_validate(body))])[0]
+    hit = scorer.score_many([codec.encode(RankRequest.model_validate(body))])[0]
+    assert (miss.cache_hit, hit.cache_hit) == (False, True)
+    assert hit.scores == miss.scores
+    assert max(abs(a - b) for a, b in zip(miss.scores, offline_scores(model, body))) < 1e-5
+    body["user"]["hist_items"] = [9]   # a changed user-side feature: a miss
+    assert scorer.score_many([codec.encode(RankRequest.model_validate(body))])[0].cache_hit is False
+
+
+def test_batched_requests_equal_single_ones(model):
+    codec = FeatureCodec(toy_schema())
+    bodies = [request_rows(3, seed=s, user=s) for s in range(4)]
+    encs = [codec.encode(RankRequest.model_validate(b)) for b in bodies]
+    together = Scorer(model, "v1", UserCache(0, 60)).score_many(encs)
+    for b, r in zip(bodies, together):
+        assert r.batch_requests == 4 and r.cache_hit is False
+        assert max(abs(x - y) for x, y in zip(r.scores, offline_scores(model, b))) < 1e-5
+
+
+def test_cache_bounds_and_ttl():
+    now = [0.0]
+    c = UserCache(2, 10, clock=lambda: now[0])
+    for k in "abc":
+        c.put((k,), k)
+    assert len(c) == 2 and c.get(("a",)) is None and c.get(("c",)) == "c"
+    now[0] = 11
+    assert c.get(("c",)) is None
+
+
+def test_userstate_take_and_cat(model):
+    codec = FeatureCodec(toy_schema())
+    encs = [codec.encode(RankRequest.model_validate(request_rows(1, seed=s, user=s))) for s in range(3)]
+    users = {n: torch.cat([e.request[n] for e in encs]) for n in model.user_names}
+    with torch.no_grad():
+        st = model.encode_user(users)
+    parts = [st.take(torch.tensor([i])) for i in range(3)]
+    back = UserState.cat(parts)
+    assert back.n_users == 3 and torch.equal(back.f_U, st.f_U)
+    assert all(torch.equal(a, b) for a, b in zip(back.x_U, st.x_U))
+    assert all(torch.equal(a, b) for la, lb in zip(back.per_layer, st.per_layer) for a, b in zip(la, lb))
+
+
+def test_ranking_order_and_top_k():
+    assert ranking([0.1, 0.9, 0.5, 0.9], None) == [1, 3, 2, 0]
+    assert ranking([0.1, 0.9, 0.5], 2) == [1, 2]
