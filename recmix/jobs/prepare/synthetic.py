@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,7 @@ def write_chunk(src: SyntheticSource, t: Tables, schema: FeatureSchema, uri: str
     from .columns import conform
     from .writer import part_path, write_part
 
+    t0 = time.perf_counter()
     table = conform(generate_chunk(src, t, chunk, lo, hi), schema, f"synthetic chunk {chunk}")
     fs, root = storage.resolve(uri, store)
     out = []
@@ -175,7 +177,27 @@ def write_chunk(src: SyntheticSource, t: Tables, schema: FeatureSchema, uri: str
         s, e = max(lo, a), min(hi, b)
         if s < e:
             out.append((split, write_part(fs, root, part_path(version, split, chunk), table.slice(s - lo, e - s), schema.labels[0].name)))
+    _export(uri, hi - lo, time.perf_counter() - t0)
     return out
+
+
+_METRICS: dict = {}
+
+
+def _export(uri: str, rows: int, seconds: float) -> None:
+    """rows and rows/s of this chunk (ray.util.metrics; the task's worker exports them), group = dataset name."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from recmix.platform.metrics import make
+
+    if not _METRICS:  # once per worker process: Ray keeps one series per name and tags
+        _METRICS.update(rows=make("recmix_prepare_rows", component="prepare"),
+                        rate=make("recmix_prepare_rows_per_s", component="prepare"))
+    tags = {"group": uri.rstrip("/").rsplit("/", 1)[-1] or "dataset"}
+    _METRICS["rows"].inc(rows, tags=tags)
+    _METRICS["rate"].set(rows / max(seconds, 1e-9), tags=tags)
 
 
 def generate(src: SyntheticSource, schema: FeatureSchema, fractions, uri: str, store, version: str, cluster_cfg) -> dict:
