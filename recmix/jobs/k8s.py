@@ -14,6 +14,7 @@ token authentication (`authOptions.mode: token`); the image must hold recmix and
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -100,6 +101,9 @@ def manifests(spec, spec_text: str, name: str, image: str = DEFAULT_IMAGE) -> di
 
         from recmix.jobs.serve.config import serve_config
 
+        if "://" not in spec.artifact.uri:
+            print(f"recmix k8s: warning: artifact.uri {spec.artifact.uri} is a local path; every RayService pod must "
+                  "see it there (a mounted volume), else give an s3:// URI", file=sys.stderr)
         config = serve_config(spec)
         config["http_options"]["host"] = "0.0.0.0"  # reachable through the RayService's Kubernetes Service
         out["rayservice"] = [{"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": _meta(name),
