@@ -4,6 +4,7 @@ UserState take/cat, and the Serve config export (validated with Serve's own sche
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -55,7 +56,9 @@ def test_serve_config_passes_serves_schema():
     assert app.import_path == "recmix.jobs.serve.app:build_app"
     dep = app.deployments[0]
     assert dep.name == "Ranker" and dep.autoscaling_config["max_replicas"] == 3
-    assert ServeSpec.model_validate(app.args["spec"]) == s     # the replicas rebuild the same spec
+    back = ServeSpec.model_validate(app.args["spec"])    # the replicas rebuild the same spec...
+    assert back.artifact.uri == os.path.abspath("./a")   # ...with the local artifact path made absolute
+    assert back.model_copy(update={"artifact": s.artifact}) == s
     assert cfg["http_options"] == {"host": "127.0.0.1", "port": 8123}
 
 

@@ -7,12 +7,21 @@ The artifact is checked before Ray starts, so a wrong URI or version is one line
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
 from recmix.platform import storage
 from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.serve import ServeSpec
+
+
+def with_absolute_artifact(spec: ServeSpec) -> ServeSpec:
+    """A local artifact path made absolute: replicas (and `serve deploy`) do not share this process's cwd."""
+    uri = spec.artifact.uri
+    if "://" in uri:
+        return spec
+    return spec.model_copy(update={"artifact": spec.artifact.model_copy(update={"uri": os.path.abspath(uri)})})
 
 
 def artifact_uri(spec: ServeSpec) -> str:
@@ -47,6 +56,7 @@ def run(spec: ServeSpec, cluster: Optional[ClusterConfig] = None, *,
     from recmix.platform import cluster as ray_cluster
 
     cfg = cluster or spec.cluster
+    spec = with_absolute_artifact(spec)
     uri = artifact_uri(spec)
     log(f"[serve] model {uri}")
     if cfg.address != "local":
@@ -61,6 +71,8 @@ def run(spec: ServeSpec, cluster: Optional[ClusterConfig] = None, *,
         try:
             log("[serve] serving until Ctrl-C")
             (wait or _forever)()
+        except KeyboardInterrupt:   # the way to stop a server: a clean stop, exit 0
+            log("[serve] Ctrl-C: stopping")
         finally:
             serve.shutdown()
             log("[serve] stopped")

@@ -27,6 +27,9 @@ def deployment_options(spec: ServeSpec) -> dict:
 
 
 def serve_config(spec: ServeSpec) -> dict:
+    from . import with_absolute_artifact
+
+    spec = with_absolute_artifact(spec)
     opts = deployment_options(spec)
     return {
         "proxy_location": "HeadOnly",
