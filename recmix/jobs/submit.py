@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -75,7 +76,7 @@ def submit(spec: str, address: Optional[str] = None, wait: bool = True, submissi
     parsed = load_spec(spec)  # bad input fails here, exit 2, before the cluster sees it
     c = client(address)
     with tempfile.TemporaryDirectory(prefix="recmix-submit-") as staging:
-        sid = c.submit_job(entrypoint=f"python -m recmix.jobs.cli run {path.name}", entrypoint_num_cpus=0,
+        sid = c.submit_job(entrypoint=f"python -m recmix.jobs.cli run {shlex.quote(path.name)}", entrypoint_num_cpus=0,
                            runtime_env=runtime_env(path, Path(staging)), submission_id=submission_id,
                            metadata={"cli": "recmix", "kind": parsed.kind, "spec": path.name})
     print(f"[submit] {parsed.kind} job {sid} submitted to {resolve_address(address)}", flush=True)

@@ -86,3 +86,17 @@ def test_without_the_token_submit_is_refused_in_one_line(head, tmp_path):
     url, env, _ = head
     r = _submit({**env, "RAY_AUTH_TOKEN": "wrong" * 8}, "jobs", "list", "--address", url, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+
+
+def test_ray_job_submit_of_recmix_run_joins_as_well(head, tmp_path):
+    """Ray's own CLI (recmix installed on the cluster: the head runs this venv)."""
+    url, env, _ = head
+    work = tmp_path / "wd"
+    work.mkdir()
+    (work / "spec.yaml").write_text(f"kind: prepare\nsource: {{type: synthetic, n_rows: 1000, n_users: 50, n_items: 20, "
+                                    f"history_len: 3}}\noutput: {{uri: {tmp_path / 'out'}}}\n")
+    r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", str(work),
+                        "--entrypoint-num-cpus", "0", "--", "recmix", "run", "spec.yaml"],
+                       env=env, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "(RAY_ADDRESS)" in r.stdout and "started a local cluster" not in r.stdout, r.stdout[-3000:]
