@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 
 import pytest
 import requests
@@ -34,7 +36,7 @@ def served(ray_cluster, tmp_path_factory):
                                      "limits": {"max_candidates": 64, "max_body_bytes": 65536},
                                      "http": {"port": port}})
     url = deploy(spec, log=lambda s: None)
-    yield url, load_artifact(root)
+    yield url, load_artifact(root), spec
     serve.delete(APP)
     serve.shutdown()
 
@@ -45,7 +47,7 @@ def post(url, body, **kw):
 
 
 def test_scores_equal_offline_and_cache(served):
-    url, model = served
+    url, model, _ = served
     body = request_rows(32, seed=1, user=7)
     r1 = post(url, body)
     assert r1.status_code == 200, r1.text
@@ -66,8 +68,9 @@ def test_scores_equal_offline_and_cache(served):
 def test_health_model_openapi_and_handle(served):
     from ray import serve
 
-    url, _ = served
-    assert requests.get(f"{url}/v1/health", timeout=10).json() == {"status": "ok", "model_version": "v1"}
+    url, _, _ = served
+    health = requests.get(f"{url}/v1/health", timeout=10).json()
+    assert health["status"] == "ok" and health["model_version"] == "v1" and health["pid"] > 0
     info = requests.get(f"{url}/v1/model", timeout=10).json()
     assert info["ugsep"] is True and "hist_items" in info["features"]["user"]
     doc = requests.get(f"{url}/openapi.json", timeout=10).json()
@@ -125,7 +128,7 @@ def malformed(rng: random.Random, i: int):
 
 
 def test_fuzz_only_4xx_then_valid(served):
-    url, _ = served
+    url, _, _ = served
     rng = random.Random(0)
     statuses = []
     for i in range(220):
@@ -136,3 +139,52 @@ def test_fuzz_only_4xx_then_valid(served):
     assert 413 in statuses and 400 in statuses and 422 in statuses
     ok = post(url, request_rows(5, seed=3))
     assert ok.status_code == 200 and len(ok.json()["scores"]) == 5
+
+
+class Load:
+    """Closed-loop HTTP clients in threads; every outcome recorded as (status or error name, model_version)."""
+
+    def __init__(self, url: str, threads: int = 2):
+        self.url, self.stop, self.out = url, threading.Event(), []
+        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(threads)]
+
+    def _loop(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                r = post(self.url, request_rows(8, seed=n, user=i))
+                self.out.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:200]))
+            except requests.RequestException as e:
+                self.out.append((type(e).__name__, None))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def test_version_update_under_load_has_no_failed_request(served, tmp_path):
+    """Last in the module: it changes the app's model. v1 -> v2 -> v1 (rollback) while clients keep sending."""
+    from recmix.jobs.serve import deploy
+
+    url, _, spec = served
+    write_artifact(spec.artifact.uri, version="v2", seed=1)
+    with Load(url) as load:
+        for version in ("v2", "v1"):
+            deploy(spec.model_copy(update={"artifact": spec.artifact.model_copy(update={"version": version})}),
+                   log=lambda s: None)
+            n = len(load.out)
+            deadline = time.time() + 30
+            while time.time() < deadline and not any(v == version for _, v in load.out[n:]):
+                time.sleep(0.2)
+            time.sleep(1.0)
+            after = [v for _, v in load.out[n:]]
+            assert after and after[-1] == version, after[-5:]
+    failed = [o for o in load.out if o[0] != 200]
+    assert not failed and len(load.out) > 20, (failed[:5], len(load.out))

@@ -12,6 +12,7 @@ over `limits.max_body_bytes` 413, not JSON 400, schema or feature errors 422; a 
 # by value, whose globals hold only the names its code uses (a string "Request" would not resolve).
 
 import json
+import os
 import time
 from typing import Any
 
@@ -137,7 +138,7 @@ class Ranker:
 
     @api.get("/v1/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model_version": self.scorer.version}
+        return {"status": "ok", "model_version": self.scorer.version, "pid": os.getpid()}
 
     @api.get("/v1/model")
     async def model_info(self) -> dict:
