@@ -160,3 +160,16 @@ def test_userstate_take_and_cat(model):
 def test_ranking_order_and_top_k():
     assert ranking([0.1, 0.9, 0.5, 0.9], None) == [1, 3, 2, 0]
     assert ranking([0.1, 0.9, 0.5], 2) == [1, 2]
+
+
+def test_w8a16_scorer_within_tolerance(tmp_path, model):
+    """quant: w8a16 swaps the per-token FFN weights for int8 + fp16 scales; scores stay within 1e-3 absolute
+    of the float model's (docs/serving.md; activations differ ~1e-3 relative, docs/kernels.md)."""
+    from recmix.models.quantize import quantize_model
+    from recmix.platform.specs.w8a16 import W8A16Config
+
+    q = quantize_model(load_artifact(write_artifact(str(tmp_path))), config=W8A16Config())
+    codec = FeatureCodec(toy_schema())
+    body = request_rows(40, seed=5, user=5)
+    r = Scorer(q, "v1", UserCache(0, 1)).score_many([codec.encode(RankRequest.model_validate(body))])[0]
+    assert max(abs(a - b) for a, b in zip(r.scores, offline_scores(model, body))) < 1e-3
