@@ -40,7 +40,7 @@ class EmbeddingShard:
             from recmix.actors.checkpoint import load_into_shard
 
             self.restored_rows = load_into_shard(self.core, cfg.restore_from)
-        self.metrics = ShardMetrics(shard_id)
+        self.metrics = ShardMetrics(shard_id, cfg.name)
         self.metrics_at = 0.0
         self.attached = Attached()
         self.handler_s: dict[str, float] = {}          # seconds spent in handlers, per op

@@ -1,6 +1,6 @@
 """Shard metrics through `ray.util.metrics` (exported as `ray_recmix_ps_*`, ray.md 7).
 
-Per shard and table: rows per tier (gauges), hit rate per tier (gauges, cumulative), evictions,
+Tagged component="ps" and group=<embedding.name> (the shard group), then per shard and table: rows per tier (gauges), hit rate per tier (gauges, cumulative), evictions,
 admissions, rejections, expiries (counters), and pull / push handler latency (histograms, seconds).
 """
 
@@ -12,17 +12,19 @@ _COUNTERS = {"evicted": "recmix_ps_evictions", "admitted": "recmix_ps_admissions
 
 
 class ShardMetrics:
-    def __init__(self, shard_id: int):
+    def __init__(self, shard_id: int, group: str):
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        keys = ("shard", "table")
+        keys = ("component", "group", "shard", "table")
         self.shard = str(shard_id)
         self.rows = Gauge("recmix_ps_rows", description="rows held per tier", tag_keys=keys + ("tier",))
         self.hit_rate = Gauge("recmix_ps_hit_rate", description="fraction of looked-up ids served by a tier "
                               "(ram, lmdb) or missing (miss), since the shard started", tag_keys=keys + ("tier",))
         self.counters = {k: Counter(n, description=f"rows {k} by the shard", tag_keys=keys) for k, n in _COUNTERS.items()}
         self.latency = Histogram("recmix_ps_latency_s", description="shard handler time per request",
-                                 boundaries=LATENCY_BOUNDS, tag_keys=("shard", "op"))
+                                 boundaries=LATENCY_BOUNDS, tag_keys=("component", "group", "shard", "op"))
+        for m in (self.rows, self.hit_rate, self.latency, *self.counters.values()):
+            m.set_default_tags({"component": "ps", "group": group})
         self.last: dict[str, dict[str, int]] = {}
 
     def observe(self, op: str, seconds: float) -> None:

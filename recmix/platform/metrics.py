@@ -24,9 +24,9 @@ class Metric:
     description: str
 
 
-_PS = ("shard", "table")
-_TRAIN = ()  # rank 0 of the run exports them
-_GROUP = ("component", "group")
+_GROUP = ("component", "group")  # group: the shard group (embedding.name), the train run, the dataset
+_PS = _GROUP + ("shard", "table")
+_TRAIN = _GROUP  # rank 0 of the run exports them
 METRICS: tuple[Metric, ...] = (
     # embedding parameter-server shards (recmix/actors/metrics.py)
     Metric("recmix_ps_rows", "gauge", "ps", _PS + ("tier",), "rows held per tier (ram, lmdb)"),
@@ -36,7 +36,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("recmix_ps_admissions", "counter", "ps", _PS, "new ids admitted into a table"),
     Metric("recmix_ps_rejections", "counter", "ps", _PS, "new ids refused by the admission filter"),
     Metric("recmix_ps_expiries", "counter", "ps", _PS, "rows dropped after their time to live"),
-    Metric("recmix_ps_latency_s", "histogram", "ps", ("shard", "op"), "shard handler time per request (op: pull, push, ...)"),
+    Metric("recmix_ps_latency_s", "histogram", "ps", _GROUP + ("shard", "op"), "shard handler time per request (op: pull, push, ...)"),
     # training (recmix/jobs/train/worker.py, rank 0)
     Metric("recmix_train_step", "gauge", "train", _TRAIN, "optimizer steps so far"),
     Metric("recmix_train_epoch", "gauge", "train", _TRAIN, "current epoch"),

@@ -55,5 +55,7 @@ def test_prepare_and_shards_export_their_documented_metrics(ray_cluster, tmp_pat
         assert not missing, missing
         line = next(ln for ln in text.splitlines() if ln.startswith("ray_recmix_prepare_rows_total{"))
         assert 'component="prepare"' in line and 'group="scrape-ds"' in line, line
+        ps = [ln for ln in text.splitlines() if ln.startswith("ray_recmix_ps_rows{") and f'group="{cfg.name}"' in ln]
+        assert ps and 'component="ps"' in ps[0], [ln for ln in text.splitlines() if ln.startswith("ray_recmix_ps_rows{")][:3]
     finally:
         group.destroy()

@@ -61,10 +61,15 @@ class RayContext:
         """The progress figures as Prometheus gauges (`ray.util.metrics`), beside Ray Train's own."""
         from ray.util.metrics import Gauge
 
+        import ray.train
+
         for key in ("step", "epoch", "loss", "train_loss", "valid_auc", "samples_per_s"):
             if key in metrics:
                 if key not in self._gauges:
-                    self._gauges[key] = Gauge(f"recmix_train_{key}", description=f"recmix train: {key} (rank 0)")
+                    self._gauges[key] = Gauge(f"recmix_train_{key}", description=f"recmix train: {key} (rank 0)",
+                                              tag_keys=("component", "group"))  # registry: recmix/platform/metrics.py
+                    self._gauges[key].set_default_tags(
+                        {"component": "train", "group": ray.train.get_context().get_experiment_name()})
                 self._gauges[key].set(float(metrics[key]))
 
     def latest_checkpoint(self) -> Optional[str]:
