@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from recmix.jobs.serve.config import serve_config
+from recmix.jobs.serve.config import serve_config, with_absolute_artifact
 from recmix.jobs.serve.features import FeatureCodec, RankRequest, RequestError
 from recmix.jobs.serve.scorer import Scorer, UserCache, ranking
 from recmix.models.artifact import load_artifact
@@ -56,9 +56,8 @@ def test_serve_config_passes_serves_schema():
     assert app.import_path == "recmix.jobs.serve.app:build_app"
     dep = app.deployments[0]
     assert dep.name == "Ranker" and dep.autoscaling_config["max_replicas"] == 3
-    back = ServeSpec.model_validate(app.args["spec"])    # the replicas rebuild the same spec...
-    assert back.artifact.uri == os.path.abspath("./a")   # ...with the local artifact path made absolute
-    assert back.model_copy(update={"artifact": s.artifact}) == s
+    assert ServeSpec.model_validate(app.args["spec"]) == s     # the replicas rebuild the same spec
+    assert with_absolute_artifact(s).artifact.uri == os.path.abspath("./a")   # what run and the CLI deploy
     assert cfg["http_options"] == {"host": "127.0.0.1", "port": 8123}
 
 
@@ -173,3 +172,23 @@ def test_w8a16_scorer_within_tolerance(tmp_path, model):
     body = request_rows(40, seed=5, user=5)
     r = Scorer(q, "v1", UserCache(0, 1)).score_many([codec.encode(RankRequest.model_validate(body))])[0]
     assert max(abs(a - b) for a, b in zip(r.scores, offline_scores(model, body))) < 1e-3
+
+
+def test_cli_serve_config_writes_a_deployable_file(tmp_path, capsys):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from recmix.jobs.cli import main
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"kind": "serve", "artifact": {"uri": "rel/artifact", "version": "v3"},
+                                    "replicas": {"min": 2, "max": 2}}))
+    out = tmp_path / "serve_config.yaml"
+    assert main(["serve-config", str(path), "-o", str(out)]) == 0
+    parsed = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    assert parsed.applications[0].deployments[0].num_replicas == 2
+    assert parsed.applications[0].args["spec"]["artifact"]["uri"] == os.path.abspath("rel/artifact")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"kind": "serve", "artifact": {"uri": "a"},
+                                                       "replicas": {"max_replica": 2}}))
+    assert main(["serve-config", str(tmp_path / "bad.yaml"), "-o", str(out)]) == 2
+    assert "max_replica" in capsys.readouterr().err

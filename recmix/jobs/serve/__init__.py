@@ -7,7 +7,6 @@ The artifact is checked before Ray starts, so a wrong URI or version is one line
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Optional
 
@@ -15,13 +14,7 @@ from recmix.platform import storage
 from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.serve import ServeSpec
 
-
-def with_absolute_artifact(spec: ServeSpec) -> ServeSpec:
-    """A local artifact path made absolute: replicas (and `serve deploy`) do not share this process's cwd."""
-    uri = spec.artifact.uri
-    if "://" in uri:
-        return spec
-    return spec.model_copy(update={"artifact": spec.artifact.model_copy(update={"uri": os.path.abspath(uri)})})
+from .config import with_absolute_artifact
 
 
 def artifact_uri(spec: ServeSpec) -> str:

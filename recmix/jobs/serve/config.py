@@ -7,9 +7,19 @@ so the replicas run the same checks as `recmix run`; the deployment options are 
 
 from __future__ import annotations
 
+import os
+
 from recmix.platform.specs.serve import ServeSpec
 
 IMPORT_PATH = "recmix.jobs.serve.app:build_app"
+
+
+def with_absolute_artifact(spec: ServeSpec) -> ServeSpec:
+    """A local artifact path made absolute: replicas (and `serve deploy`) do not share this process's cwd."""
+    uri = spec.artifact.uri
+    if "://" in uri:
+        return spec
+    return spec.model_copy(update={"artifact": spec.artifact.model_copy(update={"uri": os.path.abspath(uri)})})
 
 
 def deployment_options(spec: ServeSpec) -> dict:
@@ -27,9 +37,7 @@ def deployment_options(spec: ServeSpec) -> dict:
 
 
 def serve_config(spec: ServeSpec) -> dict:
-    from . import with_absolute_artifact
-
-    spec = with_absolute_artifact(spec)
+    """The spec's artifact URI as written (a KubeRay pod resolves it in its own file system)."""
     opts = deployment_options(spec)
     return {
         "proxy_location": "HeadOnly",
@@ -47,5 +55,5 @@ def serve_config(spec: ServeSpec) -> dict:
 def write(spec: ServeSpec, path: str) -> None:
     import yaml
 
-    with open(path, "w") as f:
-        yaml.safe_dump(serve_config(spec), f, sort_keys=False)
+    with open(path, "w") as f:   # for `serve deploy` from this machine: a local path as this machine sees it
+        yaml.safe_dump(serve_config(with_absolute_artifact(spec)), f, sort_keys=False)
