@@ -46,6 +46,12 @@ def _quality(quick: bool, params: Any) -> BenchReport:
     return quality.run(quick, params)
 
 
+def _serve(quick: bool, params: Any) -> BenchReport:
+    from . import serve
+
+    return serve.run(quick, params)
+
+
 def _train(quick: bool, params: Any) -> BenchReport:
     from . import train
 
@@ -75,6 +81,7 @@ BENCHES: dict[str, Bench] = {
     "models": Bench("CPU fwd+bwd throughput at matched parameters; S-P MoE FFN sparse/dense time", _models),
     "ps": Bench("embedding parameter server vs in-process baselines (pull/push, cold tier, scaling)", _ps),
     "quality": Bench("test AUC of DLRM-MLP, RankMixer, TokenMixer-Large (dense, MoE) per seed on one dataset", _quality),
+    "serve": Bench("Ranker on Ray Serve over HTTP: QPS, p50/p99 of baseline vs UG-Sep, user-cache hit vs miss", _serve),
     "train": Bench("Ray Train samples/s with 1 and 2 workers, parameter server vs local tables, Ray Data feed rate", _train),
     "ugsep": Bench("UG-Sep per-request latency vs unmasked TokenMixer-Large, beside the FLOPs ratio", _ugsep),
     "ugsep_quality": Bench("test AUC of UG-Sep 1:1 / 3:1 (with, without IC) vs TokenMixer-Large per seed", _ugsep_quality),

@@ -41,18 +41,27 @@ class TrainBenchParams(StrictModel):
     batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 1024     # global batch of every run
 
 
+class ServeBenchParams(StrictModel):
+    """`serve`: closed-loop HTTP clients against the baseline and UG-Sep Ranker apps (quick: 3 s per phase)."""
+
+    candidates: Annotated[int, Field(ge=1, le=100_000)] = 256
+    clients: Annotated[int, Field(ge=1, le=256)] = 2
+    seconds: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+
 # bench name -> its parameters model
 BENCH_PARAMS: dict[str, type[StrictModel]] = {
     "datagen": NoParams,
     "models": NoParams,
     "ps": NoParams,
     "quality": QualityParams,
+    "serve": ServeBenchParams,
     "train": TrainBenchParams,
     "ugsep": NoParams,
     "ugsep_quality": QualityParams,
     "w8a16": NoParams,
 }
-BenchParams = Union[QualityParams, TrainBenchParams, NoParams]
+BenchParams = Union[QualityParams, TrainBenchParams, ServeBenchParams, NoParams]
 
 
 class BenchSpec(StrictModel):
