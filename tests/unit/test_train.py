@@ -146,3 +146,25 @@ def test_progress_lines_within_an_epoch(monkeypatch):
     steps = [line for line in logs if within.search(line)]
     assert len(steps) == 9                   # 10 steps of 4 rows; none after the last step (the epoch line follows)
     assert steps[0].startswith("[train] epoch 1 step 1/10:") and "samples/s" in steps[0] and "loss 0.2500" in steps[0]
+
+
+def test_metrics_json_keeps_secret_interpolations_out(tmp_path, monkeypatch):
+    """A spec value that came from a secret-named variable (`${..._TOKEN}`) is not copied into metrics.json."""
+    from types import SimpleNamespace
+
+    from recmix.jobs.train import _write_outputs
+    from recmix.platform.specs.load import load_spec
+
+    secret = "s3cr3t-Value-4-test"
+    monkeypatch.setenv("RECMIX_TEST_OUTPUT_TOKEN", secret)
+    spec_file = tmp_path / "train.yaml"
+    spec_file.write_text(f"kind: train\ndataset: {{uri: {tmp_path}/data}}\nmodel: {{arch: dlrm_mlp}}\n"
+                         f"output: {tmp_path}/out-${{RECMIX_TEST_OUTPUT_TOKEN}}\n")
+    spec = load_spec(spec_file)
+    assert secret in spec.output  # the run itself gets the value
+    res = SimpleNamespace(best_state={}, metrics=lambda: {"test_auc": 0.5}, history=[], best_epoch=1, epochs_run=1,
+                          steps=1, resumed_from_step=0, world_size=1, wall_s=0.0, train_samples_per_s=0.0, valid={},
+                          test={}, artifact=None)
+    _write_outputs(spec, res, print)
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / f"out-{secret}").glob("*.json"))
+    assert "test_auc" in written and "${RECMIX_TEST_OUTPUT_TOKEN}" in written and secret not in written

@@ -28,7 +28,7 @@ import torch
 from recmix.models import counters
 from recmix.models.build import build_model
 from recmix.platform import cluster as ray_cluster
-from recmix.platform import storage
+from recmix.platform import secrets, storage
 from recmix.platform.dataset import open_dataset
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
@@ -111,7 +111,7 @@ def _write_outputs(spec: TrainSpec, res: TrainResult, log) -> None:
     buf = io.BytesIO()
     torch.save(res.best_state, buf)
     storage.write_bytes_atomic(fs, storage.join(root, "model.pt"), buf.getvalue())
-    doc = {**res.metrics(), "spec": spec.model_dump(mode="json")}
+    doc = {**res.metrics(), "spec": secrets.spec_dump(spec)}  # no ${VAR} secret value reaches a file
     storage.write_bytes_atomic(fs, storage.join(root, "metrics.json"), json.dumps(doc, indent=2, default=float).encode())
     report = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "steps": res.steps,
               "resumed_from_step": res.resumed_from_step, "world_size": res.world_size, "wall_s": res.wall_s,
