@@ -68,7 +68,7 @@ def test_scores_equal_offline_and_cache(served):
 def test_health_model_openapi_and_handle(served):
     from ray import serve
 
-    url, _, _ = served
+    url, model, _ = served
     health = requests.get(f"{url}/v1/health", timeout=10).json()
     assert health["status"] == "ok" and health["model_version"] == "v1" and health["pid"] > 0
     info = requests.get(f"{url}/v1/model", timeout=10).json()
@@ -78,6 +78,12 @@ def test_health_model_openapi_and_handle(served):
     h = serve.get_app_handle(APP)
     res = h.rank.remote(request_rows(4, seed=2)).result(timeout_s=30)
     assert len(res["scores"]) == 4 and res["model_version"] == "v1"
+    # concurrent callers share @serve.batch batches; each gets its own rows' scores back
+    bodies = [request_rows(3, seed=10 + i, user=10 + i) for i in range(8)]
+    outs = [f.result(timeout_s=60) for f in [h.rank.remote(b) for b in bodies]]
+    assert max(o["batch_requests"] for o in outs) > 1
+    for b, o in zip(bodies, outs):
+        assert max(abs(x - y) for x, y in zip(o["scores"], offline_scores(model, b))) < 1e-5
 
 
 def malformed(rng: random.Random, i: int):

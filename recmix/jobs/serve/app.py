@@ -118,7 +118,9 @@ class Ranker:
     async def _http_rank(self, request: Request) -> JSONResponse:
         limit = self.spec.limits.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not declared.isdigit():
+            return _error(400, f"Content-Length {declared[:40]!r} is not a byte count")
+        if declared is not None and int(declared) > limit:
             return _error(413, f"request body over the limit of {limit} bytes")
         body = bytearray()
         async for chunk in request.stream():
