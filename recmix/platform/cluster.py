@@ -50,9 +50,10 @@ def connect(
         # inside a Ray job the ambient cluster wins over `local`: a nested cluster would compete for its CPUs
         address = ambient if cfg.address == "local" else cfg.address
         try:
-            ctx = ray.init(address=address, namespace=NAMESPACE, log_to_driver=bool(ambient) or not quiet)
+            ctx = ray.init(address=address, namespace=NAMESPACE, log_to_driver=(address == ambient) or not quiet)
         except ConnectionError as e:
-            raise RecmixError(_join_failure(address, e)) from None
+            hint = " (named by RAY_ADDRESS: unset it to start a local cluster instead)" if address == ambient else ""
+            raise RecmixError(_join_failure(address, e) + hint) from None
         why = " (RAY_ADDRESS)" if address == ambient else ""
         echo(f"[ray] joined the cluster at {address}{why}; {_dashboard(ctx.dashboard_url, 'the cluster runs without one')}")
         return ctx

@@ -104,3 +104,27 @@ def test_jobs_stop(monkeypatch, capsys):
     monkeypatch.setattr(submit, "client", lambda address: fake)
     assert main(["jobs", "stop", "raysubmit_1"]) == 0
     assert fake.stopped == ["raysubmit_1"] and "stop requested" in capsys.readouterr().out
+
+
+def test_inside_a_ray_job_local_joins_the_jobs_cluster(monkeypatch):
+    """`address: local` with RAY_ADDRESS set (a job's driver) joins it, in namespace recmix; ray.init is stubbed."""
+    import ray
+
+    from recmix.platform import cluster
+    from recmix.platform.specs.cluster import ClusterConfig
+
+    calls = []
+
+    class Ctx:
+        dashboard_url = ""
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or Ctx())
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    lines = []
+    cluster.connect(ClusterConfig(), echo=lines.append)
+    assert calls[-1]["address"] == "10.1.2.3:6379" and calls[-1]["namespace"] == "recmix"
+    assert calls[-1]["log_to_driver"] is True  # worker output reaches the job's logs
+    assert lines == ["[ray] joined the cluster at 10.1.2.3:6379 (RAY_ADDRESS); no dashboard (the cluster runs without one)"]
+    cluster.connect(ClusterConfig(address="auto"), echo=lines.append)  # an explicit address still wins
+    assert calls[-1]["address"] == "auto"
