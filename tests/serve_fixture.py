@@ -17,12 +17,15 @@ MODEL = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", n_tokens=4, d
              ffn_mult=2.0, ugsep={"user_tokens": "1:1"})
 
 
-def write_artifact(root: str, version: str = "v1", seed: int = 0, model: dict | None = None) -> str:
+def write_artifact(root: str, version: str = "v1", seed: int = 0, model: dict | None = None, weight_std: float = 0.5) -> str:
     """<root>/<version>/ (artifact.json, dense.pt) and <root>/LATEST; returns root."""
     spec = model or MODEL
     schema = toy_schema()
     torch.manual_seed(seed)
     m = build_model(TypeAdapter(ModelConfig).validate_python(spec), schema)
+    with torch.no_grad():   # larger weights than the init: scores spread over (0, 1), so a wrong row shows
+        for p in m.parameters():
+            p.normal_(0.0, weight_std)
     d = os.path.join(root, version)
     os.makedirs(d, exist_ok=True)
     torch.save(m.state_dict(), os.path.join(d, fmt.DENSE))
