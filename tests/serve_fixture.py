@@ -17,7 +17,8 @@ MODEL = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", n_tokens=4, d
              ffn_mult=2.0, ugsep={"user_tokens": "1:1"})
 
 
-def write_artifact(root: str, version: str = "v1", seed: int = 0, model: dict | None = None, weight_std: float = 0.5) -> str:
+def write_artifact(root: str, version: str = "v1", seed: int = 0, model: dict | None = None,
+                   weight_std: float = 0.5) -> str:
     """<root>/<version>/ (artifact.json, dense.pt) and <root>/LATEST; returns root."""
     spec = model or MODEL
     schema = toy_schema()

@@ -22,7 +22,8 @@ import numpy as np
 from recmix.platform.bench import BenchReport
 from recmix.platform.specs.bench import ServeBenchParams
 
-MODEL = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=8, d_model=64, n_layers=2, ffn_mult=2.0)
+MODEL = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=8, d_model=64,
+             n_layers=2, ffn_mult=2.0)
 
 
 def _artifact(root: str, model: dict) -> str:

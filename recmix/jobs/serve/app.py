@@ -91,7 +91,9 @@ class Ranker:
         if self.spec.artifact.version != "LATEST":
             uri = storage.join(uri.rstrip("/"), self.spec.artifact.version)
         self.uri = resolve_version(uri, self.spec.storage)
-        model = load_artifact(self.uri, self.spec.storage)
+        # A replica with a GPU (replicas.gpus > 0; Ray sets CUDA_VISIBLE_DEVICES) scores on it.
+        device = "cuda" if self.spec.replicas.gpus > 0 and torch.cuda.is_available() else "cpu"
+        model = load_artifact(self.uri, self.spec.storage, device=device)
         doc = model.artifact
         if self.spec.quant.value == "w8a16":
             from recmix.models.quantize import quantize_model

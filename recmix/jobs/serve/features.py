@@ -152,7 +152,8 @@ def _int(v, f: Feature, where: str) -> int:
 def _dense(v, f: Feature, where: str) -> list[float]:
     vals = v if isinstance(v, list) else [v]
     if len(vals) != f.dim:
-        raise RequestError(f"{where}: dense feature '{f.name}' takes {f.dim} number(s), got {len(vals) if isinstance(v, list) else 'a scalar'}")
+        got = len(vals) if isinstance(v, list) else "a scalar"
+        raise RequestError(f"{where}: dense feature '{f.name}' takes {f.dim} number(s), got {got}")
     for x in vals:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or abs(x) > 3.4e38:
             raise RequestError(f"{where}: dense feature '{f.name}' takes finite float32 numbers, got {x!r}")

@@ -62,6 +62,7 @@ class Result:
 class Scorer:
     def __init__(self, model, version: str, cache: UserCache):
         self.model, self.version, self.cache = model, version, cache
+        self.device = next(model.parameters()).device   # encoded requests arrive on the CPU
         self.ugsep = getattr(model, "ug", None) is not None and getattr(model, "Tu", 0) > 0
         self.user_names: list[str] = list(model.user_names) if self.ugsep else []
         self.cand_names: list[str] = list(model.cand_names) if self.ugsep else []
@@ -79,16 +80,17 @@ class Scorer:
         hits = [s is not None for s in states]
         miss = [i for i, s in enumerate(states) if s is None]
         if miss:
-            users = {n: torch.cat([encs[i].request[n] for i in miss]) for n in self.user_names}
+            users = {n: torch.cat([encs[i].request[n] for i in miss]).to(self.device) for n in self.user_names}
             fresh = self.model.encode_user(users)
             for j, i in enumerate(miss):
                 states[i] = fresh.take(torch.tensor([j]))
                 self.cache.put(keys[i], states[i])
         state = UserState.cat(states)
         t1 = time.perf_counter()
-        cands = {n: torch.cat([e.batch()[n] for e in encs]) for n in self.cand_names} if len(encs) > 1 \
-            else {n: encs[0].batch()[n] for n in self.cand_names}
+        batches = [e.batch() for e in encs]
+        cands = {n: torch.cat([b[n] for b in batches]).to(self.device) for n in self.cand_names}
         user_index = torch.cat([torch.full((e.n_candidates,), u, dtype=torch.int64) for u, e in enumerate(encs)])
+        user_index = user_index.to(self.device)
         p = torch.sigmoid(self.model.score(state, cands, user_index).logits_BK[:, 0].float())
         t2 = time.perf_counter()
         return self._split(encs, p, hits, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
@@ -96,14 +98,14 @@ class Scorer:
     def _forward(self, encs: list[Encoded]) -> list[Result]:
         t0 = time.perf_counter()
         batches = [e.batch() for e in encs]
-        batch = {n: torch.cat([b[n] for b in batches]) for n in batches[0]}
+        batch = {n: torch.cat([b[n] for b in batches]).to(self.device) for n in batches[0]}
         p = torch.sigmoid(self.model(batch).logits_BK[:, 0].float())
         return self._split(encs, p, [None] * len(encs), 0.0, (time.perf_counter() - t0) * 1e3)
 
     @staticmethod
     def _split(encs, p, hits, user_ms, cand_ms) -> list[Result]:
         out, lo = [], 0
-        vals = p.tolist()
+        vals = p.cpu().tolist()
         for e, h in zip(encs, hits):
             out.append(Result(vals[lo:lo + e.n_candidates], h, user_ms, cand_ms, len(encs)))
             lo += e.n_candidates
