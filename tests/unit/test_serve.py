@@ -194,3 +194,18 @@ def test_cli_serve_config_writes_a_deployable_file(tmp_path, capsys):
                                                        "replicas": {"max_replica": 2}}))
     assert main(["serve-config", str(tmp_path / "bad.yaml"), "-o", str(out)]) == 2
     assert "max_replica" in capsys.readouterr().err
+
+
+def test_run_refuses_a_missing_artifact_before_ray_starts(tmp_path, capsys):
+    import yaml
+
+    from recmix.jobs.cli import main
+
+    write_artifact(str(tmp_path / "art"))
+    for artifact, want in (({"uri": str(tmp_path / "nothing")}, "not a model artifact"),
+                           ({"uri": str(tmp_path / "art"), "version": "v9"}, "not a model artifact")):
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump({"kind": "serve", "artifact": artifact}))
+        assert main(["run", str(path)]) == 2          # the unit tier's guard would turn a ray.init into an error
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
