@@ -147,6 +147,27 @@ def test_fuzz_only_4xx_then_valid(served):
     assert ok.status_code == 200 and len(ok.json()["scores"]) == 5
 
 
+def test_metrics_exported_with_component_serve(served):
+    """After the requests above: ray_recmix_serve_* series with component="serve" on the node's metrics port."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    want = {"ray_recmix_serve_requests", "ray_recmix_serve_user_cache", "ray_recmix_serve_candidates",
+            "ray_recmix_serve_latency_s"}
+    deadline, seen = time.time() + 45, {}
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        seen = {s.name: s.labels for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name.startswith("ray_recmix_serve") and s.labels.get("component") == "serve"}
+        names = {n.removesuffix("_total").removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+                 for n in seen}
+        if want <= names:
+            break
+        time.sleep(1)
+    assert want <= names, sorted(seen)
+
+
 class Load:
     """Closed-loop HTTP clients in threads; every outcome recorded as (status or error name, model_version)."""
 
