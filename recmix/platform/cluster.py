@@ -87,7 +87,7 @@ def connect(
     return ctx
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -96,7 +96,7 @@ def _loopback(host: str) -> bool:
 
 def _warn_exposure(cfg: ClusterConfig, echo: Callable[[str], None]) -> None:
     """Binding a service beyond loopback is allowed, but never silently."""
-    if not _loopback(cfg.dashboard_host):
+    if not is_loopback(cfg.dashboard_host):
         echo(f"[ray] WARNING: the dashboard (and its job, state and log APIs) will listen on {cfg.dashboard_host}, "
              f"reachable from other machines; authentication in force: {_auth_in_force()}")
 

@@ -209,3 +209,23 @@ def test_run_refuses_a_missing_artifact_before_ray_starts(tmp_path, capsys):
         assert main(["run", str(path)]) == 2          # the unit tier's guard would turn a ray.init into an error
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
+
+
+@pytest.mark.parametrize("host, warns", [("127.0.0.1", False), ("0.0.0.0", True), ("10.1.2.3", True)])
+def test_serving_beyond_loopback_warns_with_address_and_auth(monkeypatch, host, warns):
+    """Issue 14.8: a spec binding the ranking API beyond loopback is never silent (Serve itself is not started)."""
+    from ray import serve
+
+    import recmix.jobs.serve.app as app
+    from recmix.jobs import serve as serve_job
+
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(app, "application", lambda spec: None)
+    spec = ServeSpec.model_validate({"kind": "serve", "artifact": {"uri": "/tmp/a"}, "http": {"host": host}})
+    lines: list[str] = []
+    serve_job.deploy(spec, log=lines.append)
+    warned = [ln for ln in lines if "WARNING" in ln]
+    assert bool(warned) == warns, lines
+    if warns:
+        assert host in warned[0] and "authentication in force: NONE" in warned[0]

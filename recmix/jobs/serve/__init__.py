@@ -34,8 +34,13 @@ def deploy(spec: ServeSpec, log: Callable[[str], None] = print) -> str:
     Blocks until the application is RUNNING (a replica that cannot load the artifact fails here)."""
     from ray import serve
 
+    from recmix.platform.cluster import is_loopback
+
     from .app import application
 
+    if not is_loopback(spec.http.host):
+        log(f"[serve] WARNING: the ranking API will listen on {spec.http.host}:{spec.http.port}, reachable from other "
+            "machines; authentication in force: NONE (the ranking API has none: put it behind your own gateway)")
     serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
     serve.run(application(spec), name=spec.name, route_prefix=spec.http.route_prefix, blocking=False)
     prefix = spec.http.route_prefix.rstrip("/")
