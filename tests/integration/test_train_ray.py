@@ -156,7 +156,9 @@ def test_driver_killed_then_rerun_continues_from_the_checkpoint(tiny_dataset, tm
     m = re.search(r"resuming run 'train' from checkpoint-(\d{9})-[01] \(step (\d+)\)", again.stdout)
     assert m and int(m.group(1)) == int(m.group(2)) >= seen > 0, again.stdout
     summary = json.loads(again.stdout.strip().splitlines()[-1])
-    assert summary["resumed_from_step"] == int(m.group(2))
+    # the rerun started from that checkpoint; a worker-group restart later in the rerun (FailureConfig) may
+    # resume once more, from a newer checkpoint, and the summary reports the last start
+    assert summary["resumed_from_step"] >= int(m.group(2))
 
 
 def test_truncated_checkpoint_is_refused_with_one_line(tiny_dataset, tmp_path, capsys):  # noqa: F811
