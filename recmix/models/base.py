@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .derived import total_loss
 from .embedding import EmbeddingLookup, FeatureEncoder, LocalEmbeddingLookup, tables_from_schema
 from .token_layers import mlp
 
@@ -20,6 +21,7 @@ class ModelOutput:
     logits_BK: torch.Tensor                                       # what serving scores with
     aux_logits: list[torch.Tensor] = field(default_factory=list)  # deep-supervision towers, (B, K) each
     extra_loss: torch.Tensor | None = None                        # routing regularisers, already weighted
+    derived_loss: torch.Tensor | None = None                      # derived features' own losses (LMN memory), weighted
 
 
 class TaskHeads(nn.Module):
@@ -38,15 +40,21 @@ class RankingModel(nn.Module):
 
     aux_weight: float = 0.0
 
-    def __init__(self, schema, emb_cfg, lookup: EmbeddingLookup | None = None):
+    def __init__(self, schema, emb_cfg, lookup: EmbeddingLookup | None = None, derived=()):
         super().__init__()
         self.schema = schema
         self.label_names = [f.name for f in schema.labels]
         lookup = lookup if lookup is not None else LocalEmbeddingLookup(tables_from_schema(schema), emb_cfg.init_std)
-        self.encoder = FeatureEncoder(schema, lookup, emb_cfg.seq_pooling)
+        self.encoder = FeatureEncoder(schema, lookup, emb_cfg.seq_pooling, derived)
+
+    def with_derived_loss(self, out: ModelOutput) -> ModelOutput:
+        """`out` with the derived features' losses of this forward attached."""
+        out.derived_loss = total_loss(self.encoder.derived)
+        return out
 
     def loss(self, out: ModelOutput, labels_BK: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """BCE summed over tasks, + aux-tower BCE * aux_weight (deep supervision), + routing terms."""
+        """BCE summed over tasks, + aux-tower BCE * aux_weight (deep supervision), + routing terms, + derived
+        features' losses."""
         main = F.binary_cross_entropy_with_logits(out.logits_BK, labels_BK, reduction="none").mean(0).sum()
         total = main
         parts = {"bce": float(main.detach())}
@@ -57,6 +65,9 @@ class RankingModel(nn.Module):
         if out.extra_loss is not None:
             total = total + out.extra_loss
             parts["routing"] = float(out.extra_loss.detach())
+        if out.derived_loss is not None:
+            total = total + out.derived_loss
+            parts["derived"] = float(out.derived_loss.detach())
         parts["loss"] = float(total.detach())
         return total, parts
 

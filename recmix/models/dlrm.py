@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from .base import ModelOutput, RankingModel, TaskHeads
+from .derived import build_derived
 
 
 class DLRMMLP(RankingModel):
     def __init__(self, cfg, schema, lookup=None):
-        super().__init__(schema, cfg.embedding, lookup)
-        self.names = [f.name for f in schema.inputs]
+        super().__init__(schema, cfg.embedding, lookup, build_derived(cfg, schema))
+        self.names = [f.name for f in schema.inputs] + [d.name for d in self.encoder.derived]
         width = sum(self.encoder.widths[n] for n in self.names)
         layers: list[nn.Module] = []
         for h in cfg.hidden:
@@ -26,4 +27,4 @@ class DLRMMLP(RankingModel):
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         feats = self.encoder(batch)
         x_BS = torch.cat([feats[n] for n in self.names], dim=-1)
-        return ModelOutput(self.heads(self.mlp(x_BS)))
+        return self.with_derived_loss(ModelOutput(self.heads(self.mlp(x_BS))))

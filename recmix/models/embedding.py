@@ -103,18 +103,20 @@ def feature_widths(schema) -> dict[str, int]:
 
 
 class FeatureEncoder(nn.Module):
-    """Batch dict -> one vector per input feature, (B, width).
+    """Batch dict -> one vector per input feature, (B, width), then one per derived feature.
 
     categorical ids (B,) -> row; multi_categorical / sequence ids (B, L) padded with -1 -> masked mean or sum
     of the rows of the valid ids (only valid ids reach `lookup`); dense (B,) or (B, dim) -> as is.
+    Derived features (`recmix.models.derived`) read the raw batch and the lookup, after the schema features.
     """
 
-    def __init__(self, schema, lookup: EmbeddingLookup, seq_pooling: SeqPooling = SeqPooling.mean):
+    def __init__(self, schema, lookup: EmbeddingLookup, seq_pooling: SeqPooling = SeqPooling.mean, derived=()):
         super().__init__()
         self.features = list(schema.inputs)
         self.lookup = lookup
         self.seq_pooling = seq_pooling
-        self.widths = feature_widths(schema)
+        self.derived = nn.ModuleList(derived)
+        self.widths = feature_widths(schema) | {d.name: d.width for d in derived}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -133,4 +135,6 @@ class FeatureEncoder(nn.Module):
                 if self.seq_pooling is SeqPooling.mean:
                     pooled_BE = pooled_BE / mask_BL.sum(1, keepdim=True).clamp(min=1).to(pooled_BE.dtype)
                 out[f.name] = pooled_BE
+        for d in self.derived:
+            out[d.name] = d(batch, self.lookup)
         return out

@@ -30,6 +30,7 @@ from recmix.platform.specs.model import AuxLossConfig, AuxMode, GlobalToken
 from recmix.platform.specs.ugsep import GlobalTokenSide, ICMode, UserAggregation
 
 from .base import ModelOutput, RankingModel, TaskHeads
+from .derived import build_derived
 from .tokenizers import build_tokenizer
 from .ugsep import SideTokenizer, UserState, concat, rows, split_features, unique_users
 from .ugsep_ic import InformationCompensation
@@ -52,23 +53,26 @@ class TokenModel(RankingModel):
 
     def __init__(self, cfg, schema, lookup, make_block: Callable[[int, int, int], nn.Module], gap: int = 0,
                  aux_loss: AuxLossConfig | None = None, aux_layers: Sequence[int] = ()):
-        super().__init__(schema, cfg.embedding, lookup)
+        super().__init__(schema, cfg.embedding, lookup, build_derived(cfg, schema))
         widths = self.encoder.widths
         self.ug = cfg.ugsep
         if self.ug is None:
-            self.tokenizer = build_tokenizer(cfg, schema, widths)
+            self.tokenizer = build_tokenizer(cfg, schema, widths, self.encoder.derived)
             T, Tu = self.tokenizer.n_tokens, 0
             if cfg.n_tokens is None:   # T came from the schema: the config could not check it
                 cfg.check_tokens(T)
         else:
             T = cfg.n_tokens
             Tu = self.ug.n_user_tokens(T)
-            self.user_names, self.cand_names, self.user_encoder, self.cand_encoder = split_features(schema, self.encoder, Tu > 0)
+            sp = split_features(schema, self.encoder, Tu > 0)
+            self.user_names, self.cand_names, self.user_encoder, self.cand_encoder = \
+                sp.user_names, sp.cand_names, sp.user_encoder, sp.cand_encoder
+            self.user_feats, self.cand_feats, self.ctx_cols = sp.user_feats, sp.cand_feats, sp.ctx_cols
             glob = getattr(cfg, "global_token", None) is GlobalToken.mlp
             user_side = self.ug.global_token_side is GlobalTokenSide.user
-            self.user_tokenizer = SideTokenizer(self.user_names, widths, cfg.d_model, Tu, glob and user_side) if Tu else None
-            self.cand_tokenizer = SideTokenizer(self.cand_names, widths, cfg.d_model, T - Tu, glob and (not user_side or not Tu),
-                                                sum(widths[n] for n in self.user_names))
+            self.user_tokenizer = SideTokenizer(self.user_feats, widths, cfg.d_model, Tu, glob and user_side) if Tu else None
+            self.cand_tokenizer = SideTokenizer(self.cand_feats, widths, cfg.d_model, T - Tu, glob and (not user_side or not Tu),
+                                                sum(widths[n] for n in self.user_feats))
         H = cfg.resolved_heads(T)
         self.T, self.Tu, self.H, self.Cu, self.D = T, Tu, H, H * Tu // T, cfg.d_model
         self.n_tokens, self.n_heads = T, H
@@ -103,6 +107,9 @@ class TokenModel(RankingModel):
         return ModelOutput(logits_BK, aux, extra_loss)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        return self.with_derived_loss(self._forward(batch))
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         if self.ug is None:
             return self._full(self.tokenizer(self.encoder(batch)))
         cands = {n: batch[n] for n in self.cand_names}
@@ -125,8 +132,10 @@ class TokenModel(RankingModel):
         """Once per unique user: the user tokens of every layer and what the candidate path reuses."""
         if self.ug is None or not self.Tu:
             raise ValueError("this model has no user tokens (no ugsep, or ugsep.user_tokens 0): score with forward()")
-        f_UW = concat(self.user_encoder(user_batch), self.user_names)
-        return self.user_stack(f_UW, self.user_tokenizer(f_UW))
+        f_UW = concat(self.user_encoder(user_batch), self.user_feats)
+        state = self.user_stack(f_UW, self.user_tokenizer(f_UW))
+        state.raw = {c: user_batch[c] for c in self.ctx_cols}
+        return state
 
     def user_stack(self, f_UW: torch.Tensor, x_UTD: torch.Tensor) -> UserState:
         """The blocks' user paths on user tokens x_UTD (the user tokenizer's output for features f_UW)."""
@@ -150,7 +159,9 @@ class TokenModel(RankingModel):
         if Tu and user_index.numel() and (int(user_index.min()) < 0 or int(user_index.max()) >= state.n_users):
             raise ValueError(f"user_index must lie in [0, {state.n_users}), got [{int(user_index.min())}, {int(user_index.max())}]")
         extra = state.f_U[user_index] if Tu and self.cand_tokenizer.global_mlp is not None else None
-        xg_BTD = self.cand_tokenizer(concat(self.cand_encoder(cand_batch), self.cand_names), extra)
+        if self.ctx_cols:
+            cand_batch = cand_batch | {c: state.raw[c][user_index] for c in self.ctx_cols}
+        xg_BTD = self.cand_tokenizer(concat(self.cand_encoder(cand_batch), self.cand_feats), extra)
         if not Tu:
             return self._full(xg_BTD)
         xs = self.candidate_stack(state, xg_BTD, user_index)

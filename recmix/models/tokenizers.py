@@ -21,9 +21,11 @@ from recmix.platform.specs.model import GlobalToken, InitDist, Tokenizer
 from .token_layers import PerTokenLinear, mlp
 
 
-def ordered_features(schema) -> list[tuple[str, list[str]]]:
-    """[(group, [feature names])] in the schema's group order, features in declaration order."""
-    return [(g.name, [f.name for f in schema.group_features(g.name)]) for g in schema.groups]
+def ordered_features(schema, derived=()) -> list[tuple[str, list[str]]]:
+    """[(group, [feature names])] in the schema's group order, features in declaration order, then the
+    group's derived features."""
+    return [(g.name, [f.name for f in schema.group_features(g.name)] + [d.name for d in derived if d.group == g.name])
+            for g in schema.groups]
 
 
 class GroupMLPTokenizer(nn.Module):
@@ -64,8 +66,8 @@ class ChunkTokenizer(nn.Module):
         return self.proj(x_BTd)
 
 
-def build_tokenizer(cfg, schema, widths: dict[str, int]) -> nn.Module:
-    groups = ordered_features(schema)
+def build_tokenizer(cfg, schema, widths: dict[str, int], derived=()) -> nn.Module:
+    groups = ordered_features(schema, derived)
     if cfg.tokenizer is Tokenizer.group_mlp:
         tok = GroupMLPTokenizer(groups, widths, cfg.d_model, getattr(cfg, "global_token", None) is GlobalToken.mlp)
         if cfg.n_tokens is not None and cfg.n_tokens != tok.n_tokens:

@@ -7,7 +7,7 @@ Legend: B rows, U unique users, T tokens, Tu user tokens, W concatenated feature
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +27,7 @@ class UserState:
     f_U: torch.Tensor                       # (U, W) user feature vectors, concatenated (the global token reads them)
     x_U: list[torch.Tensor]                 # (U, Tu, D) user tokens entering layer l (x_U[L] = last output)
     per_layer: list[tuple[torch.Tensor, ...]]  # each block's `user_path` cache, rows = users
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)  # user columns candidate-side derived features read
 
     @property
     def n_users(self) -> int:
@@ -35,7 +36,8 @@ class UserState:
     def take(self, index_U: torch.Tensor) -> "UserState":
         """The states of users `index_U` (a slice of a batched state: a cached user, one request's users)."""
         return UserState(self.f_U[index_U], [x[index_U] for x in self.x_U],
-                         [tuple(t[index_U] for t in c) for c in self.per_layer])
+                         [tuple(t[index_U] for t in c) for c in self.per_layer],
+                         {n: v[index_U] for n, v in self.raw.items()})
 
     @staticmethod
     def cat(states: "list[UserState]") -> "UserState":
@@ -43,7 +45,18 @@ class UserState:
         assert states and all(len(s.x_U) == len(states[0].x_U) for s in states)
         return UserState(torch.cat([s.f_U for s in states]),
                          [torch.cat(xs) for xs in zip(*(s.x_U for s in states))],
-                         [tuple(torch.cat(ts) for ts in zip(*layer)) for layer in zip(*(s.per_layer for s in states))])
+                         [tuple(torch.cat(ts) for ts in zip(*layer)) for layer in zip(*(s.per_layer for s in states))],
+                         {n: _cat_padded([s.raw[n] for s in states]) for n in states[0].raw})
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Row-concatenate list columns padded to different lengths: pad on the right to the longest
+    (-1 for ids, 0 for floats, as the data loader pads)."""
+    if parts[0].dim() < 2 or len({p.shape[1] for p in parts}) == 1:
+        return torch.cat(parts)
+    L = max(p.shape[1] for p in parts)
+    fill = 0.0 if parts[0].is_floating_point() else -1
+    return torch.cat([F.pad(p, (0, L - p.shape[1]), value=fill) for p in parts])
 
 
 class SideTokenizer(nn.Module):
@@ -79,20 +92,45 @@ class SideTokenizer(nn.Module):
         return torch.cat(toks, 1)
 
 
-def split_features(schema, encoder: FeatureEncoder, has_user_tokens: bool):
-    """(user feature names, candidate ones, user encoder, candidate encoder). User features are those of
-    groups with side 'user'; without user tokens every feature is a candidate feature."""
+@dataclass
+class FeatureSplit:
+    """The user/candidate split of a model's inputs. `*_names` are batch columns (schema features), `*_feats`
+    the encoder outputs of each side (its columns' features, then its derived features), `ctx_cols` the user
+    columns that candidate-side derived features read (kept per user in `UserState.raw`)."""
+
+    user_names: list[str]
+    cand_names: list[str]
+    user_feats: list[str]
+    cand_feats: list[str]
+    ctx_cols: list[str]
+    user_encoder: FeatureEncoder
+    cand_encoder: FeatureEncoder
+
+
+def split_features(schema, encoder: FeatureEncoder, has_user_tokens: bool) -> FeatureSplit:
+    """User features are those of groups with side 'user'; without user tokens every feature is a candidate
+    feature. A derived feature takes its group's side; a user-side one may read only user columns."""
     user_groups = {g.name for g in schema.groups if g.side is GroupSide.user} if has_user_tokens else set()
     user_names = [f.name for f in schema.inputs if f.group in user_groups]
     cand_names = [f.name for f in schema.inputs if f.group not in user_groups]
     if has_user_tokens and not user_names:
         raise ValueError("UG-Sep needs at least one token group with side 'user' in the feature schema")
+    user_derived = [d for d in encoder.derived if d.group in user_groups]
+    cand_derived = [d for d in encoder.derived if d.group not in user_groups]
+    for d in user_derived:
+        bad = [c for c in d.inputs if c not in user_names]
+        if bad:
+            raise ValueError(f"derived feature '{d.name}' is on the user side (group '{d.group}') but reads "
+                             f"candidate-side columns {bad}: UG-Sep keeps user tokens candidate-free")
+    ctx_cols = [c for c in user_names if any(c in d.inputs for d in cand_derived)]
     feat = {f.name: f for f in schema.inputs}
 
-    def sub(names):
-        return FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in names]), encoder.lookup, encoder.seq_pooling)
+    def sub(names, derived):
+        return FeatureEncoder(SimpleNamespace(inputs=[feat[n] for n in names]), encoder.lookup, encoder.seq_pooling, derived)
 
-    return user_names, cand_names, sub(user_names), sub(cand_names)
+    return FeatureSplit(user_names, cand_names, user_names + [d.name for d in user_derived],
+                        cand_names + [d.name for d in cand_derived], ctx_cols,
+                        sub(user_names, user_derived), sub(cand_names, cand_derived))
 
 
 def rows(batch: dict[str, torch.Tensor], names: list[str]) -> int:

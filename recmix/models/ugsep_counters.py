@@ -30,8 +30,8 @@ def request_flops(model, n_candidates: int) -> dict:
     C, m = n_candidates, copy.deepcopy(model).to("meta")
     meta = dict(device="meta", dtype=next(m.parameters()).dtype)
     w = m.encoder.widths
-    f_UW = torch.empty(1, sum(w[n] for n in m.user_names), **meta)
-    f_BW = torch.empty(C, sum(w[n] for n in m.cand_names), **meta)
+    f_UW = torch.empty(1, sum(w[n] for n in m.user_feats), **meta)
+    f_BW = torch.empty(C, sum(w[n] for n in m.cand_feats), **meta)
     extra = f_UW.expand(C, -1) if m.Tu and m.cand_tokenizer.global_mlp is not None else None
     x: dict = {}
     tok = _flops(lambda: x.update(u=m.user_tokenizer(f_UW) if m.Tu else None, g=m.cand_tokenizer(f_BW, extra)))
