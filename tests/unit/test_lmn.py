@@ -40,3 +40,108 @@ def test_product_keys_batch_over_heads():
         s_e, slots_e = product_key_topk(q1[e], q2[e], c1[e], c2[e], 4, 4)
         assert torch.equal(slots[e], slots_e)
         torch.testing.assert_close(s[e], s_e)
+
+
+# ---- the layer on the toy schema (history group user-side; no side sequence there) ------------------
+
+from recmix.models.embedding import LocalEmbeddingLookup, tables_from_schema  # noqa: E402
+from recmix.models.lmn import VALUE_TABLE, MemoryReadout, memory_tables  # noqa: E402
+from recmix.models.toy import toy_batch, toy_schema  # noqa: E402
+from recmix.platform.specs.memory import MemoryConfig  # noqa: E402
+
+TINY = dict(n_sub=6, d_key=8, d_value=4, k_axis=3, top_k=3, user_features=["user_id", "zip_prefix"], side_sequences=[])
+
+
+def _setup(**kw):
+    torch.manual_seed(0)
+    schema = toy_schema()
+    cfg = MemoryConfig(**{**TINY, **kw})
+    lookup = LocalEmbeddingLookup({**tables_from_schema(schema), **memory_tables(type("M", (), {"memory": cfg}))}, 0.1)
+    return schema, cfg, lookup, MemoryReadout(cfg, schema)
+
+
+def test_readout_equals_brute_force_reads():
+    schema, cfg, lookup, ro = _setup(heads=2)
+    batch = toy_batch(schema, 16, seed=3)
+    out_BV = ro(batch, lookup)
+    assert out_BV.shape == (16, cfg.d_value) and ro.width == cfg.d_value and ro.group == "history"
+    # recompute every read by brute force over all composite keys of each head
+    V = lookup.emb[VALUE_TABLE].weight
+    ids = batch["hist_items"]
+    for b in range(16):
+        reads = []
+        for s in range(ids.shape[1]):
+            if ids[b, s] < 0:
+                continue
+            e_b = lookup.lookup("item_id", ids[b, s:s + 1])
+            e_u = torch.cat([lookup.lookup("user_id", batch["user_id"][b:b + 1]),
+                             lookup.lookup("zip_prefix", batch["zip_prefix"][b:b + 1])], -1)
+            q_AQD = ro.memory.query(torch.cat([e_b, e_u], -1))
+            m = 0
+            for a in range(cfg.heads):
+                scores = q_AQD[a] @ composite_keys(ro.memory.c1_ANH[a], ro.memory.c2_ANH[a]).T
+                top, slots = scores.topk(cfg.top_k, -1)
+                m = m + (top.softmax(-1).unsqueeze(-1) * V[slots]).sum(1)
+            reads.append(m)
+        want = torch.cat(reads).mean(0) if reads else torch.zeros(cfg.d_value)
+        torch.testing.assert_close(out_BV[b], want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_keys_query_and_only_read_value_rows():
+    schema, cfg, lookup, ro = _setup()
+    batch = toy_batch(schema, 8, seed=1)
+    ro.train()
+    out = ro(batch, lookup)
+    (out.square().sum() + ro.loss()).backward()
+    mem = ro.memory
+    for p in (mem.c1_ANH, mem.c2_ANH, mem.w_q.weight, mem.q_scale_AD):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    ids = batch["hist_items"]
+    valid = ids >= 0
+    e_b = lookup.lookup("item_id", ids[valid])
+    b_Q = valid.nonzero()[:, 0]
+    e_u = torch.cat([lookup.lookup("user_id", batch["user_id"]), lookup.lookup("zip_prefix", batch["zip_prefix"])], -1)
+    _, slots = mem.slots(torch.cat([e_b, e_u[b_Q]], -1))
+    read = torch.zeros(cfg.n_slots, dtype=torch.bool)
+    read[slots.flatten()] = True
+    g_rows = lookup.emb[VALUE_TABLE].weight.grad.abs().sum(1) > 0
+    assert read.any() and (~read).any()
+    assert torch.equal(g_rows, read)
+
+
+def test_padding_contributes_no_memory_loss():
+    schema, cfg, lookup, ro = _setup()
+    ro.train()
+    batch = toy_batch(schema, 8, seed=2)
+    ro(batch, lookup)
+    base = ro.loss()
+    # extra padded positions change neither the read-out nor the loss
+    padded = dict(batch, hist_items=torch.cat([batch["hist_items"], torch.full((8, 3), -1)], 1))
+    out = ro(padded, lookup)
+    torch.testing.assert_close(ro.loss(), base)
+    torch.testing.assert_close(out, ro(batch, lookup))
+    # without the mask, padded positions query the memory (zero item row) and the loss changes
+    _, _, lookup2, ro2 = _setup(mask_padding=False)
+    ro2.load_state_dict(ro.state_dict())
+    lookup2.load_state_dict(lookup.state_dict())
+    ro2.train()
+    ro2(batch, lookup2)
+    assert not torch.allclose(ro2.loss(), base)
+    ro.eval()
+    ro(batch, lookup)
+    assert ro.loss() is None
+
+
+def test_memory_config_errors():
+    with pytest.raises(ValueError, match="d_key \\(7\\) must be even"):
+        MemoryConfig(d_key=7)
+    with pytest.raises(ValueError, match="top_k \\(9\\) must be <= memory.k_axis \\(8\\)"):
+        MemoryConfig(k_axis=8, top_k=9)
+    with pytest.raises(ValueError, match="k_axis \\(40\\) must be <= memory.n_sub \\(32\\)"):
+        MemoryConfig(n_sub=32, k_axis=40)
+    with pytest.raises(ValueError, match="no feature 'nope'"):
+        MemoryReadout(MemoryConfig(**{**TINY, "sequence": "nope"}), toy_schema())
+    with pytest.raises(ValueError, match="item_id.*user-side group"):
+        MemoryReadout(MemoryConfig(**{**TINY, "user_features": ["item_id"]}), toy_schema())
+    with pytest.raises(ValueError, match="must be a sequence feature"):
+        MemoryReadout(MemoryConfig(**{**TINY, "sequence": "genres"}), toy_schema())

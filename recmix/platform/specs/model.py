@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from .base import StrictModel
+from .memory import MemoryConfig
 from .ugsep import UGSepConfig
 
 PosInt = Annotated[int, Field(gt=0, le=1_000_000)]
@@ -167,6 +168,7 @@ class ReLUMoEConfig(StrictModel):
 class _Common(StrictModel):
     embedding: EmbeddingOptions = EmbeddingOptions()
     head_hidden: Optional[PosInt] = None   # task-head MLP width; None -> D // 2
+    memory: Optional[MemoryConfig] = None  # present = LMN product-key memory read-out (a user-side derived feature)
 
 
 class DLRMConfig(_Common):
