@@ -20,6 +20,7 @@ import ray
 from recmix.actors.backend import RayShards
 from recmix.actors.client import PSClient
 from recmix.actors.layout import PSLayout, ps_layout
+from recmix.actors.memory import MemoryCore, MemoryShardConfig
 from recmix.actors.shard import ShardCore
 from recmix.actors.shm import Attached
 from recmix.platform.specs.embedding import EmbeddingConfig
@@ -29,14 +30,18 @@ METRICS_EVERY_S = 1.0
 
 @ray.remote
 class EmbeddingShard:
-    def __init__(self, cfg: EmbeddingConfig, layout: PSLayout, shard_id: int, root: str):
+    """An embedding shard (`ShardCore`) or, with a `MemoryShardConfig`, an LMN memory shard (`MemoryCore`,
+    memory.py): one actor, client and checkpoint format for both groups."""
+
+    def __init__(self, cfg: EmbeddingConfig | MemoryShardConfig, layout: PSLayout, shard_id: int, root: str):
         from recmix.actors.metrics import ShardMetrics
 
         self.cfg, self.layout, self.root = cfg, layout, root
 
-        self.core = ShardCore(cfg, layout, shard_id, root)
+        core = MemoryCore if isinstance(cfg, MemoryShardConfig) else ShardCore
+        self.core = core(cfg, layout, shard_id, root)
         self.restored_rows = 0
-        if cfg.restore_from and all(self.core.lmdb.count(t) == 0 for t in self.core.dims):
+        if cfg.restore_from and self.core.is_empty():
             from recmix.actors.checkpoint import load_into_shard
 
             self.restored_rows = load_into_shard(self.core, cfg.restore_from)
@@ -123,9 +128,12 @@ class EmbeddingShard:
     def info(self) -> dict:
         return {"pid": os.getpid(), "pass": self.core.pass_id, "path": self.core.path,
                 "reconstructed": self.reconstructed, "restored_rows": self.restored_rows,
-                "replayed_pushes": self.core.replayed,
-                "lmdb_writes": self.core.lmdb.writes, "lmdb_write_txns": self.core.lmdb.write_txns,
+                "replayed_pushes": self.core.replayed, **self.core.io_stats(),
                 "handler_s": dict(self.handler_s)}
+
+    def release(self) -> None:
+        """The group is being destroyed: a memory shard removes its files (an embedding shard's LMDB stays)."""
+        self.core.release()
 
     def pid(self) -> int:
         return os.getpid()
@@ -136,7 +144,7 @@ class EmbeddingShard:
         out = {}
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(("VmRSS", "RssAnon", "RssFile", "VmHWM")):
+                if line.startswith(("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")):
                     k, v = line.split(":")
                     out[k] = int(v.split()[0]) * 1024
         return out
@@ -159,11 +167,11 @@ def _trim_heap() -> None:
 _LIBC = None
 
 
-def create_shards(cfg: EmbeddingConfig, layout: PSLayout, root: str | None = None,
+def create_shards(cfg: EmbeddingConfig | MemoryShardConfig, layout: PSLayout, root: str | None = None,
                   namespace: str | None = None, detached: bool = False) -> tuple[list, str]:
     """Start the layout's named shard actors (in `namespace`, default the job's; `detached`: they outlive
-    the creating process); returns (handles, LMDB root). Waits until all are up."""
-    root = root or cfg.lmdb_path or tempfile.mkdtemp(prefix=f"recmix-{cfg.name}-")
+    the creating process); returns (handles, LMDB root or memory file prefix). Waits until all are up."""
+    root = root or getattr(cfg, "lmdb_path", None) or tempfile.mkdtemp(prefix=f"recmix-{cfg.name}-")
     handles = []
     where = f" in namespace '{namespace}'" if namespace else ""
     for i, name in enumerate(layout.shard_names):
@@ -174,7 +182,7 @@ def create_shards(cfg: EmbeddingConfig, layout: PSLayout, root: str | None = Non
         else:
             raise ValueError(f"an embedding shard named '{name}' already exists{where}; choose another embedding.name")
         opts = dict(name=name, namespace=namespace, num_cpus=cfg.num_cpus, max_restarts=cfg.max_restarts,
-                    max_task_retries=3)
+                    max_task_retries=3, num_gpus=getattr(cfg, "num_gpus", 0))
         if detached:
             opts["lifetime"] = "detached"
         handles.append(EmbeddingShard.options(**opts).remote(cfg, layout, i, root))

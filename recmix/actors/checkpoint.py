@@ -7,7 +7,8 @@ Layout under the checkpoint URI:
 A checkpoint exists only once its manifest does, so a crash mid-save leaves nothing restorable-looking;
 saving onto a URI that already has a manifest is refused. Rows stream through the caller one shard and
 table at a time (the caller holds the credentials; shards never need them).
-Restore routes every id with `shard_of` at the new shard count (storage.md 5, invariant 6).
+Restore routes every id with `shard_of` (or the id ranges of a range layout, the LMN memory) at the new
+shard count (storage.md 5, invariant 6).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ray
 from recmix.actors.rows import row_dtype
 from recmix.platform import storage
 from recmix.platform.errors import RecmixError
-from recmix.platform.hashing import HASH_ID, shard_of
+from recmix.platform.hashing import HASH_ID
 from recmix.platform.specs.data import StorageConfig
 
 FORMAT = "recmix-ps-v1"
@@ -147,7 +148,7 @@ def restore(client, uri: str, storage_cfg: StorageConfig | None = None) -> dict:
         recs = recs.astype(row_dtype(client.dims[table], client.swidth[table]), copy=False)
         for lo in range(0, ids.shape[0], LOAD_CHUNK):
             i, r = ids[lo:lo + LOAD_CHUNK], recs[lo:lo + LOAD_CHUNK]
-            dest = shard_of(table, i, client.n_shards)
+            dest = client.layout.route(table, i)
             for s in np.unique(dest):
                 sel = dest == s
                 refs.append(client.shards[s].load.remote(table, i[sel], r[sel]))
@@ -166,7 +167,7 @@ def load_into_shard(core, uri: str) -> int:
         if ids is None:
             core.admission.merge(table, recs)
             continue
-        mine = shard_of(table, ids, core.n_shards) == core.shard_id
+        mine = core.layout.route(table, ids) == core.shard_id
         if mine.any():
             n += core.load(table, ids[mine], recs[mine].astype(core.dtypes[table], copy=False))
     return n

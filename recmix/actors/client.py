@@ -1,7 +1,8 @@
 """Client/router: per-batch dedup, routing by `shard_of`, one concurrent call per shard, reassembly.
 
 Routing is `recmix.platform.hashing.shard_of(table, id, S)` (splitmix64, documented there), so rows can
-be re-sharded from a checkpoint. Per table the client keeps the sorted unique ids (np.unique), sends
+be re-sharded from a checkpoint; a range layout (`PSLayout.ranges`, the LMN memory) routes id ranges.
+Per table the client keeps the sorted unique ids (np.unique), sends
 each shard its slice (already sorted and unique, so the shard skips its own dedup), and scatters the
 answers back. The calls go through a `ShardBackend` (backend.py): Ray actors, or `ShardCore`s in
 this process for tests.
@@ -21,7 +22,6 @@ import numpy as np
 from recmix.actors.backend import PendingPush, PushError, ShardBackend
 from recmix.actors.layout import PSLayout
 from recmix.actors.rows import segment_sum
-from recmix.platform.hashing import shard_of
 
 
 @dataclass
@@ -61,9 +61,13 @@ class PSClient:
 
     def _split(self, table: str, u: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(shard, positions in u) for every shard that owns some of the sorted unique ids u."""
+        if self.layout.ranges is not None:
+            self.layout.route(table, u[[0, -1]] if u.size else u)    # u is sorted: its ends bound the range check
+            cut = np.searchsorted(u, self.layout.bounds(table))
+            return [(s, slice(cut[s], cut[s + 1])) for s in range(self.n_shards) if cut[s + 1] > cut[s]]
         if self.n_shards == 1:
             return [(0, slice(None))]
-        sh = shard_of(table, u, self.n_shards)
+        sh = self.layout.route(table, u)
         order = np.argsort(sh, kind="stable")          # stable: each shard's slice stays sorted
         bounds = np.searchsorted(sh[order], np.arange(self.n_shards + 1))
         return [(s, order[bounds[s]:bounds[s + 1]]) for s in range(self.n_shards) if bounds[s + 1] > bounds[s]]

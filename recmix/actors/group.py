@@ -64,6 +64,17 @@ def create_group(cfg: EmbeddingConfig, dims: dict[str, int], namespace: str, roo
     return ShardGroup(GroupRef(cfg.name, namespace), cfg, layout, root, handles)
 
 
+def create_memory_group(cfg, tables: dict, namespace: str | None = None, detached: bool = True) -> ShardGroup:
+    """Driver: start an LMN memory group (`memory.MemoryShardConfig`, range layout of {name: TableSpec}
+    with n_ids rows each, e.g. `models.lmn.memory_tables`); workers attach to it like to an embedding group."""
+    from recmix.actors.actor import create_shards
+    from recmix.actors.memory import memory_layout, slab_root
+
+    layout = memory_layout(cfg, tables)
+    handles, root = create_shards(cfg, layout, slab_root(cfg), namespace=namespace, detached=detached)
+    return ShardGroup(GroupRef(cfg.name, namespace), cfg, layout, root, handles)
+
+
 def open_group(ref: GroupRef) -> ShardGroup:
     """Driver: take back a group that exists (a resumed driver on a long-lived cluster, where detached
     shards outlived the previous driver). `GroupNotFound` if there is none."""
@@ -129,11 +140,19 @@ def destroy_group(name: str, namespace: str) -> int:
     """Driver: kill every shard actor of the group that still exists; returns how many were killed."""
     import ray
 
-    n, i = 0, 0
+    from ray.exceptions import GetTimeoutError, RayError
+
+    actors, i = [], 0
     while True:
         try:
-            actor = ray.get_actor(f"{name}-shard-{i}", namespace=namespace)
+            actors.append(ray.get_actor(f"{name}-shard-{i}", namespace=namespace))
         except ValueError:
-            return n
+            break
+        i += 1
+    try:   # memory shards remove their /dev/shm files; a shard that is down leaves them to the sweep
+        ray.get([a.release.remote() for a in actors], timeout=30)
+    except (RayError, GetTimeoutError):
+        pass
+    for actor in actors:
         ray.kill(actor)
-        n, i = n + 1, i + 1
+    return len(actors)

@@ -16,6 +16,7 @@ import numpy as np
 
 from recmix.actors.rows import row_dtype, state_width
 from recmix.platform.errors import RecmixError
+from recmix.platform.hashing import shard_of
 from recmix.platform.specs.embedding import EmbeddingConfig
 
 
@@ -35,6 +36,10 @@ class PSTable:
 class PSLayout:
     tables: dict[str, PSTable]
     shard_names: tuple[str, ...]
+    # None: ids are routed by `hashing.shard_of` (embedding tables, any non-negative id). {table: N}: the
+    # table holds exactly the ids 0..N-1, range-partitioned: shard s owns [bounds[s], bounds[s + 1])
+    # (the LMN memory's slot ids, `memory.py`).
+    ranges: dict[str, int] | None = None
 
     @property
     def n_shards(self) -> int:
@@ -47,6 +52,21 @@ class PSLayout:
     @property
     def state_widths(self) -> dict[str, int]:
         return {t.name: t.state for t in self.tables.values()}
+
+    def bounds(self, table: str) -> np.ndarray:
+        """Range layout: the S + 1 boundaries of the table's id ranges, near-equal parts."""
+        n = self.ranges[table]
+        return np.arange(self.n_shards + 1, dtype=np.int64) * n // self.n_shards
+
+    def route(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """Shard of each id (int64 array). Range layout: an id outside 0..N-1 is a ValueError."""
+        if self.ranges is None:
+            return shard_of(table, ids, self.n_shards)
+        n = self.ranges[table]
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            bad = ids[(ids < 0) | (ids >= n)]
+            raise ValueError(f"table '{table}' holds ids 0..{n - 1}, got {int(bad[0])} ({bad.size} out of range)")
+        return (np.searchsorted(self.bounds(table), ids, side="right") - 1).astype(np.int64)
 
     def check(self, table: str) -> str:
         if table not in self.tables:

@@ -75,8 +75,21 @@ class PSEmbeddingLookup(EmbeddingLookup):
         self.grad_scale, self.owns_shards = float(grad_scale), owns_shards
         self.ws = WorkingSet(client, optimizer, hbm_rows, self.device)
         self.pending: list = []
+        self.routes: dict[str, PSEmbeddingLookup] = {}     # tables of other groups (`add_group`)
+
+    def add_group(self, other: "PSEmbeddingLookup") -> None:
+        """Serve `other`'s tables (another shard group: the LMN memory, batch mode) through this lookup,
+        so the model sees one lookup; `wait` and `close` include it. Passes, snapshots and the client
+        stay this lookup's own (`other.client` for the other group)."""
+        clash = sorted(set(other.tables) & set(self.tables))
+        if clash:
+            raise ValueError(f"tables {clash} are in both shard groups")
+        self.tables.update(other.tables)
+        self.routes.update(dict.fromkeys(other.tables, other))
 
     def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        if table in self.routes:
+            return self.routes[table].lookup(table, ids)
         if table not in self.tables:
             raise ValueError(f"unknown embedding table '{table}' (known: {', '.join(self.tables)})")
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
@@ -117,7 +130,7 @@ class PSEmbeddingLookup(EmbeddingLookup):
         pending, self.pending = self.pending, []
         n = self.client.wait(pending)
         self.ws.settle()
-        return n
+        return n + sum(other.wait() for other in set(self.routes.values()))
 
     def prefetch_pass(self, ids_by_table: dict[str, np.ndarray | torch.Tensor]) -> None:
         """Pass mode: start pulling the next pass's rows in the background; `begin_pass()` (no ids)
@@ -153,6 +166,8 @@ class PSEmbeddingLookup(EmbeddingLookup):
         self.client.close()
         if self.owns_shards:
             self.client.backend.stop()
+        for other in set(self.routes.values()):
+            other.close()
 
 
 def _numpy_ids(ids_by_table) -> dict[str, np.ndarray]:

@@ -365,5 +365,15 @@ class ShardCore:
         self.lmdb.put(table, ids, rows)
         return int(ids.shape[0])
 
+    def is_empty(self) -> bool:
+        """Whether LMDB holds no row (a first start, or a restart on a node without the files)."""
+        return all(self.lmdb.count(t) == 0 for t in self.dims)
+
+    def io_stats(self) -> dict:
+        return {"lmdb_writes": self.lmdb.writes, "lmdb_write_txns": self.lmdb.write_txns}
+
+    def release(self) -> None:
+        """The group is being destroyed: the LMDB files stay (they are the durable tier)."""
+
     def counts(self) -> dict:
         return {t: {"ram": self.ram[t].rows, "lmdb": self.lmdb.count(t), **self.stats[t]} for t in self.dims}
