@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .derived import total_loss
+from .derived import derived_tables, total_loss
 from .embedding import EmbeddingLookup, FeatureEncoder, LocalEmbeddingLookup, tables_from_schema
 from .token_layers import mlp
 
@@ -44,7 +44,8 @@ class RankingModel(nn.Module):
         super().__init__()
         self.schema = schema
         self.label_names = [f.name for f in schema.labels]
-        lookup = lookup if lookup is not None else LocalEmbeddingLookup(tables_from_schema(schema), emb_cfg.init_std)
+        if lookup is None:
+            lookup = LocalEmbeddingLookup(tables_from_schema(schema) | derived_tables(derived), emb_cfg.init_std)
         self.encoder = FeatureEncoder(schema, lookup, emb_cfg.seq_pooling, derived)
 
     def with_derived_loss(self, out: ModelOutput) -> ModelOutput:

@@ -25,6 +25,7 @@ class DerivedFeature(nn.Module):
     group: str
     width: int
     inputs: tuple[str, ...]
+    tables: dict = {}   # {name: TableSpec} of lookup tables the feature owns (LMN values); never mutated
 
     def __init__(self):
         super().__init__()
@@ -49,7 +50,9 @@ def build_derived(cfg, schema) -> list[DerivedFeature]:
 
 def _builders():
     """The components that add derived features (imported lazily: they import this module)."""
-    return []
+    from .lmn import build_memory
+
+    return [build_memory]
 
 
 def check_derived(derived: list[DerivedFeature], schema) -> None:
@@ -66,6 +69,11 @@ def check_derived(derived: list[DerivedFeature], schema) -> None:
         missing = [c for c in d.inputs if c not in inputs]
         if missing:
             raise ValueError(f"derived feature '{d.name}' reads {missing}, which the feature schema does not have")
+
+
+def derived_tables(derived) -> dict:
+    """The lookup tables the derived features own, beside the schema's (a local lookup creates them)."""
+    return {n: t for d in derived for n, t in d.tables.items()}
 
 
 def total_loss(derived) -> torch.Tensor | None:

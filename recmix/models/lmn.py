@@ -67,9 +67,16 @@ def flat_topk(q_QD: torch.Tensor, keys_MD: torch.Tensor, top_k: int, chunk: int 
 
 
 def memory_tables(model_cfg) -> dict[str, TableSpec]:
-    """{VALUE_TABLE: its TableSpec} when the model has `memory:`, else {} (slot ids are never hashed)."""
+    """{VALUE_TABLE: its TableSpec} when the model has `memory:`, else {} (slot ids are never hashed); what a
+    parameter-server or snapshot lookup must serve beside the schema's tables."""
     mem = getattr(model_cfg, "memory", None)
     return {} if mem is None else {VALUE_TABLE: TableSpec(VALUE_TABLE, mem.n_slots, mem.d_value, False)}
+
+
+def build_memory(model_cfg, schema) -> list["MemoryReadout"]:
+    """The `recmix.models.derived` builder: the read-out when the model has `memory:`."""
+    mem = getattr(model_cfg, "memory", None)
+    return [] if mem is None else [MemoryReadout(mem, schema)]
 
 
 class ProductKeyMemory(nn.Module):
@@ -126,11 +133,15 @@ class MemoryReadout(nn.Module):
     SmoothL1_beta(m_b - sg(y_b)), y_b = W_y [e_b; e_u; a_b] (a_b: side-sequence rows of b, e.g. its rating).
     The stop-gradient leaves W_y nothing to learn, so it is a fixed random projection (a buffer, saved with
     the model); e_b, e_u and a_b still train through the ranking loss.
+
+    It has the interface of `recmix.models.derived.DerivedFeature` without subclassing it: derived.py
+    imports this module to build it, and an import back would be a cycle.
     """
 
     def __init__(self, cfg: MemoryConfig, schema):
         super().__init__()
         self.cfg = cfg
+        self._last_loss: torch.Tensor | None = None
         seq = _feature(schema, cfg.sequence, "memory.sequence")
         if seq.type is not FeatureType.sequence:
             raise ValueError(f"memory.sequence '{seq.name}' must be a sequence feature, got type {seq.type.value}")
@@ -156,7 +167,7 @@ class MemoryReadout(nn.Module):
         d_y = d_q + sum(int(f.embedding_dim) for f in self.side)
         self.memory = ProductKeyMemory(cfg, d_q)
         self.register_buffer("w_y_YV", torch.randn(d_y, cfg.d_value) / math.sqrt(d_y))
-        self._loss: torch.Tensor | None = None
+        self.tables = {VALUE_TABLE: TableSpec(VALUE_TABLE, cfg.n_slots, cfg.d_value, False)}
 
     def forward(self, batch: dict[str, torch.Tensor], lookup: EmbeddingLookup) -> torch.Tensor:
         ids_BS = batch[self.seq.name]
@@ -171,16 +182,16 @@ class MemoryReadout(nn.Module):
         B, V = ids_BS.shape[0], self.cfg.d_value
         sum_BV = m_QV.new_zeros((B, V)).index_add(0, b_Q[keep_Q], m_QV[keep_Q])
         out_BV = sum_BV / valid_BS.sum(1, keepdim=True).clamp(min=1).to(sum_BV.dtype)
-        self._loss = None
+        self._last_loss = None
         if self.training and self.cfg.lambda_mem > 0 and m_QV.shape[0]:
             a = [_rows(lookup, f.table_name, batch[f.name][b_Q, s_Q], int(f.embedding_dim)) for f in self.side]
             y_QV = (torch.cat([x_QI, *a], -1) @ self.w_y_YV).detach()
-            self._loss = self.cfg.lambda_mem * F.smooth_l1_loss(m_QV, y_QV, beta=self.cfg.smooth_l1_beta)
+            self._last_loss = self.cfg.lambda_mem * F.smooth_l1_loss(m_QV, y_QV, beta=self.cfg.smooth_l1_beta)
         return out_BV
 
     def loss(self) -> torch.Tensor | None:
         """lambda_mem * memory loss of the last training forward (None in eval or with no behaviour)."""
-        return self._loss
+        return self._last_loss
 
     @staticmethod
     def _user(f, batch: dict[str, torch.Tensor], lookup: EmbeddingLookup) -> torch.Tensor:

@@ -132,6 +132,22 @@ def test_padding_contributes_no_memory_loss():
     assert ro.loss() is None
 
 
+def test_the_memory_loss_writes_the_targets_into_the_slots_it_reads():
+    schema, cfg, lookup, ro = _setup(lambda_mem=1.0)
+    ro.train()
+    batch = toy_batch(schema, 16, seed=5)
+    values = lookup.emb[VALUE_TABLE].weight
+    opt = torch.optim.Adam([values, *ro.parameters()], lr=0.05)   # the embedding rows stay fixed
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        ro(batch, lookup)
+        losses.append(float(ro.loss().detach()))
+        ro.loss().backward()
+        opt.step()
+    assert losses[-1] < 0.2 * losses[0], losses
+
+
 def test_memory_config_errors():
     with pytest.raises(ValueError, match="d_key \\(7\\) must be even"):
         MemoryConfig(d_key=7)
@@ -145,3 +161,111 @@ def test_memory_config_errors():
         MemoryReadout(MemoryConfig(**{**TINY, "user_features": ["item_id"]}), toy_schema())
     with pytest.raises(ValueError, match="must be a sequence feature"):
         MemoryReadout(MemoryConfig(**{**TINY, "sequence": "genres"}), toy_schema())
+
+
+# ---- inside the models ---------------------------------------------------------------------------------
+
+from pydantic import TypeAdapter  # noqa: E402
+
+from recmix.models.build import build_model  # noqa: E402
+from recmix.platform.specs.model import ModelConfig  # noqa: E402
+
+MEM = dict(TINY, lambda_mem=0.5)
+
+
+def _model_cfg(arch="tokenmixer_large", ugsep=None, memory=MEM):
+    spec = dict(arch=arch, tokenizer="chunk_per_token", n_tokens=4, d_model=16, n_layers=2, ffn_mult=2.0, memory=memory)
+    if arch == "tokenmixer_large":
+        spec["global_token"] = "none"
+    if arch == "dlrm_mlp":
+        spec = dict(arch=arch, hidden=[16], memory=memory)
+    if ugsep is not None:
+        spec["ugsep"] = ugsep
+    return TypeAdapter(ModelConfig).validate_python(spec)
+
+
+@pytest.mark.parametrize("arch", ["dlrm_mlp", "rankmixer", "tokenmixer_large"])
+def test_every_model_reads_the_memory_and_adds_its_loss(arch):
+    torch.manual_seed(0)
+    model = build_model(_model_cfg(arch), toy_schema())
+    assert model.encoder.lookup.tables[VALUE_TABLE].n_ids == 36
+    b = toy_batch(toy_schema(), 6, seed=4)
+    model.train()
+    out = model(b)
+    assert out.derived_loss is not None and float(out.derived_loss.detach()) > 0
+    _, parts = model.loss(out, b["labels"])
+    assert parts["derived"] == pytest.approx(float(out.derived_loss.detach()))
+    with torch.no_grad():   # the read-out reaches the logits
+        model.encoder.lookup.emb[VALUE_TABLE].weight.add_(1.0)
+    assert not torch.allclose(model(b).logits_BK, out.logits_BK)
+
+
+def test_ugsep_user_tokens_read_the_memory_and_stay_candidate_free():
+    torch.manual_seed(0)
+    model = build_model(_model_cfg(ugsep=dict(user_tokens="1:1")), toy_schema()).double().eval()
+    assert "lmn_memory" in model.user_feats and not model.ctx_cols
+    b1, b2 = toy_batch(toy_schema(), 6, seed=1), toy_batch(toy_schema(), 6, seed=2)
+    for n in model.user_names:
+        b2[n] = b1[n].clone()
+    for b in (b1, b2):
+        b["score"] = b["score"].double()
+    with torch.no_grad():
+        x1 = model.encode_user(model.split_batch(b1)[0]).x_U
+        x2 = model.encode_user(model.split_batch(b2)[0]).x_U
+        s1, s2 = model(b1).logits_BK, model(b2).logits_BK
+        users, cands = model.split_batch(b1)
+        split = model.score(model.encode_user(users), cands, torch.arange(6)).logits_BK
+        # the memory is on the user path: other value rows change the user tokens
+        model.encoder.lookup.emb[VALUE_TABLE].weight.mul_(3.0)
+        x3 = model.encode_user(model.split_batch(b1)[0]).x_U
+    for a, c in zip(x1, x2):
+        torch.testing.assert_close(a, c)
+    assert not torch.allclose(s1, s2)
+    torch.testing.assert_close(split, s1)
+    assert not torch.allclose(x3[-1], x1[-1])
+
+
+def test_a_model_with_memory_trains_on_a_fixed_batch():
+    from recmix.jobs.train.loop import train_step
+    from recmix.jobs.train.loop import make_optimizer
+    from recmix.platform.specs.train import OptimizerConfig
+
+    torch.manual_seed(0)
+    doc = toy_schema().model_dump(mode="json")   # + hist_ratings: the default side sequence of the memory target
+    doc["features"].insert(3, dict(name="hist_ratings", role="sequence", type="sequence", vocab_size=6,
+                                   embedding_dim=8, max_len=6, group="history"))
+    schema = type(toy_schema()).model_validate(doc)
+    mem = dict(n_sub=8, d_key=8, d_value=8, k_axis=4, top_k=4, heads=2)
+    model = build_model(_model_cfg(memory=mem), schema)
+    b = toy_batch(schema, 32, seed=0)
+    opt = make_optimizer(model, OptimizerConfig(name="adamw", lr=0.01))
+    v0 = model.encoder.lookup.emb[VALUE_TABLE].weight.detach().clone()
+    parts = [train_step(model, b, opt) for _ in range(15)]
+    assert parts[-1]["loss"] < 0.8 * parts[0]["loss"], [p["loss"] for p in parts]
+    assert all(p["derived"] > 0 for p in parts)
+    assert not torch.equal(v0, model.encoder.lookup.emb[VALUE_TABLE].weight)
+
+
+def test_artifact_round_trip_carries_the_memory(tmp_path):
+    import json
+    import os
+
+    from recmix.models import artifact as fmt
+    from recmix.models.artifact import load_artifact
+
+    spec = _model_cfg(ugsep=dict(user_tokens="1:1")).model_dump(mode="json", exclude_unset=True)
+    torch.manual_seed(0)
+    m = build_model(TypeAdapter(ModelConfig).validate_python(spec), toy_schema())
+    with torch.no_grad():
+        m.encoder.lookup.emb[VALUE_TABLE].weight.normal_(0, 1.0)
+    d = tmp_path / "v1"
+    os.makedirs(d)
+    torch.save(m.state_dict(), d / fmt.DENSE)
+    (d / fmt.DOC).write_text(json.dumps({"format": fmt.FORMAT, "version": "v1", "model": spec, "dense": fmt.DENSE,
+                                         "features": toy_schema().model_dump(mode="json"), "embeddings": None}))
+    (tmp_path / fmt.LATEST).write_text("v1\n")
+    loaded = load_artifact(str(tmp_path))
+    assert torch.equal(loaded.encoder.lookup.emb[VALUE_TABLE].weight, m.encoder.lookup.emb[VALUE_TABLE].weight)
+    b = toy_batch(toy_schema(), 5, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(b).logits_BK, m.eval()(b).logits_BK)
