@@ -11,7 +11,9 @@ is dropped like padding; both are counted. Everything else a request gets wrong 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Annotated, Optional, Union
 
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from recmix.platform.specs.data import NAME_RE, Feature, FeatureRole, FeatureSchema, FeatureType
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = 3.4e38
 REQUEST_ROLES = (FeatureRole.user, FeatureRole.sequence, FeatureRole.context)
 
 Number = Union[StrictInt, Annotated[StrictFloat, Field(allow_inf_nan=False)]]
@@ -61,12 +64,17 @@ class Encoded:
             h.update(n.encode() + b"\0" + str(t.dtype).encode() + t.numpy().tobytes())
         return h.hexdigest()
 
-    def batch(self) -> dict[str, torch.Tensor]:
-        """Every feature with C rows (request-level ones repeated), as the training loader builds a batch."""
-        C = self.n_candidates
-        out = {n: t.expand(C, *t.shape[1:]).contiguous() for n, t in self.request.items()}
-        out.update(self.candidates)
-        return out
+    def column(self, name: str) -> torch.Tensor:
+        """Feature `name` with C rows, as the training loader builds it (a request-level one repeated: a view)."""
+        t = self.candidates.get(name)
+        if t is not None:
+            return t
+        t = self.request[name]
+        return t.expand(self.n_candidates, *t.shape[1:])
+
+    def batch(self, names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+        """Features `names` (default: all) with C rows each (views where repeated)."""
+        return {n: self.column(n) for n in (names if names is not None else [*self.request, *self.candidates])}
 
 
 class FeatureCodec:
@@ -75,6 +83,7 @@ class FeatureCodec:
         self.candidate_features = [f for f in schema.inputs if f.role not in REQUEST_ROLES]
         self._user_id = next((f.name for f in self.request_features
                               if f.role is FeatureRole.user and f.type is FeatureType.categorical), None)
+        self._cand_keys = {f.name for f in self.candidate_features}
 
     def describe(self) -> dict:
         def one(f: Feature) -> dict:
@@ -93,12 +102,15 @@ class FeatureCodec:
         self._check_names(req.user, self.request_features, self.candidate_features, "user", "candidates[i]")
         unknown = [0]
         request = {f.name: _column(f, [req.user[f.name]], "user", unknown) for f in self.request_features}
-        for i, row in enumerate(req.candidates):
-            self._check_names(row, self.candidate_features, self.request_features, f"candidates[{i}]", "user")
-        cands = {f.name: _column(f, [row[f.name] for row in req.candidates], "candidates", unknown)
+        rows = req.candidates
+        # One C-level pass over the rows' key sets; the per-row check only runs to name the bad row.
+        if not all(map(operator.eq, itertools.repeat(self._cand_keys), map(dict.keys, rows))):
+            for i, row in enumerate(rows):
+                self._check_names(row, self.candidate_features, self.request_features, f"candidates[{i}]", "user")
+        cands = {f.name: _column(f, list(map(operator.itemgetter(f.name), rows)), "candidates", unknown)
                  for f in self.candidate_features}
         uid = req.user.get(self._user_id) if self._user_id else None
-        return Encoded(request, cands, len(req.candidates), unknown[0], uid if isinstance(uid, int) else None)
+        return Encoded(request, cands, len(rows), unknown[0], uid if isinstance(uid, int) else None)
 
     @staticmethod
     def _check_names(row: dict, want: list[Feature], other: list[Feature], where: str, other_where: str) -> None:
@@ -115,13 +127,65 @@ class FeatureCodec:
 
 
 def _column(f: Feature, values: list, where: str, unknown: list[int]) -> torch.Tensor:
+    """One feature's values of n rows -> its tensor. Vectorized: numpy converts the whole column at once; a
+    column numpy cannot take as it should (a float id, a list where a scalar goes, an id outside int64, a
+    non-finite number) is re-read value by value by `_column_checked`, which names the bad value."""
     if f.type is FeatureType.categorical:
-        ids = np.array([_int(v, f, where) for v in values], dtype=np.int64)
-        if f.vocab_size:
-            bad = (ids < 0) | (ids >= f.vocab_size)
-            unknown[0] += int(bad.sum())
-            ids[bad] = 0
-        return torch.from_numpy(ids)
+        ids = _int_array(values)
+        if ids is None or ids.ndim != 1:
+            return _column_checked(f, values, where, unknown)
+        return torch.from_numpy(_known(f, ids, unknown))
+    if f.type is FeatureType.dense:
+        try:
+            arr = np.array(values, dtype=np.float64)
+        except (ValueError, TypeError, OverflowError):
+            return _column_checked(f, values, where, unknown)
+        n = len(values)
+        shapes = ((n,), (n, 1)) if f.dim == 1 else ((n, f.dim),)   # a scalar or a 1-list when dim is 1
+        if arr.shape not in shapes or not np.isfinite(arr).all() or (np.abs(arr) > FLOAT32_MAX).any():
+            return _column_checked(f, values, where, unknown)
+        arr = arr.astype(np.float32)
+        return torch.from_numpy(arr.reshape(n) if f.dim == 1 else arr.reshape(n, f.dim))
+    # sequence / multi_categorical: lists of ids, padded with -1 to max_len
+    if not all(map(isinstance, values, itertools.repeat(list))):
+        return _column_checked(f, values, where, unknown)
+    lens = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    flat = _int_array(list(itertools.chain.from_iterable(values)))
+    if flat is None or flat.ndim != 1 or int(lens.max()) > f.max_len:
+        return _column_checked(f, values, where, unknown)
+    row = np.repeat(np.arange(len(values)), lens)
+    if f.vocab_size:   # unknown ids are dropped like padding: the row's known ids close up
+        keep = (flat >= 0) & (flat < f.vocab_size)
+        unknown[0] += int(flat.size - keep.sum())
+        flat, row = flat[keep], row[keep]
+    kept = np.bincount(row, minlength=len(values))
+    out = np.full((len(values), int(f.max_len)), -1, dtype=np.int64)
+    out[np.arange(int(f.max_len)) < kept[:, None]] = flat   # row-major: each row's ids in order
+    return torch.from_numpy(out)
+
+
+def _int_array(values: list) -> Optional[np.ndarray]:
+    """int64 array of Python ints, or None when numpy reads anything else (floats, lists, ints outside int64)."""
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        arr = np.array(values)
+    except (ValueError, OverflowError):
+        return None
+    return arr if arr.dtype == np.int64 else None
+
+
+def _known(f: Feature, ids: np.ndarray, unknown: list[int]) -> np.ndarray:
+    if f.vocab_size:
+        bad = (ids < 0) | (ids >= f.vocab_size)
+        unknown[0] += int(bad.sum())
+        ids[bad] = 0
+    return ids
+
+
+def _column_checked(f: Feature, values: list, where: str, unknown: list[int]) -> torch.Tensor:
+    if f.type is FeatureType.categorical:
+        return torch.from_numpy(_known(f, np.array([_int(v, f, where) for v in values], dtype=np.int64), unknown))
     if f.type is FeatureType.dense:
         rows = [_dense(v, f, where) for v in values]
         arr = np.array(rows, dtype=np.float32)
@@ -155,7 +219,7 @@ def _dense(v, f: Feature, where: str) -> list[float]:
         got = len(vals) if isinstance(v, list) else "a scalar"
         raise RequestError(f"{where}: dense feature '{f.name}' takes {f.dim} number(s), got {got}")
     for x in vals:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or abs(x) > 3.4e38:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or abs(x) > FLOAT32_MAX:
             raise RequestError(f"{where}: dense feature '{f.name}' takes finite float32 numbers, got {x!r}")
     return [float(x) for x in vals]
 

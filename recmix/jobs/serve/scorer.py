@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from recmix.models.ugsep import UserState
@@ -66,6 +67,7 @@ class Scorer:
         self.ugsep = getattr(model, "ug", None) is not None and getattr(model, "Tu", 0) > 0
         self.user_names: list[str] = list(model.user_names) if self.ugsep else []
         self.cand_names: list[str] = list(model.cand_names) if self.ugsep else []
+        self.all_names: list[str] = [f.name for f in model.schema.inputs]
 
     def key(self, enc: Encoded) -> tuple:
         return (self.version, enc.user_id, enc.fingerprint(self.user_names))
@@ -87,20 +89,23 @@ class Scorer:
                 self.cache.put(keys[i], states[i])
         state = UserState.cat(states)
         t1 = time.perf_counter()
-        batches = [e.batch() for e in encs]
-        cands = {n: torch.cat([b[n] for b in batches]).to(self.device) for n in self.cand_names}
-        user_index = torch.cat([torch.full((e.n_candidates,), u, dtype=torch.int64) for u, e in enumerate(encs)])
-        user_index = user_index.to(self.device)
-        p = torch.sigmoid(self.model.score(state, cands, user_index).logits_BK[:, 0].float())
+        cands = self._rows(encs, self.cand_names)
+        user_index = torch.repeat_interleave(torch.arange(len(encs)), torch.tensor([e.n_candidates for e in encs]))
+        p = torch.sigmoid(self.model.score(state, cands, user_index.to(self.device)).logits_BK[:, 0].float())
         t2 = time.perf_counter()
         return self._split(encs, p, hits, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
     def _forward(self, encs: list[Encoded]) -> list[Result]:
         t0 = time.perf_counter()
-        batches = [e.batch() for e in encs]
-        batch = {n: torch.cat([b[n] for b in batches]).to(self.device) for n in batches[0]}
-        p = torch.sigmoid(self.model(batch).logits_BK[:, 0].float())
+        p = torch.sigmoid(self.model(self._rows(encs, self.all_names)).logits_BK[:, 0].float())
         return self._split(encs, p, [None] * len(encs), 0.0, (time.perf_counter() - t0) * 1e3)
+
+    def _rows(self, encs: list[Encoded], names: list[str]) -> dict[str, torch.Tensor]:
+        """The requests' rows of `names`, concatenated (one copy per feature; a single request's own tensors
+        and request-level views are materialized once, by the cat or `contiguous`)."""
+        if len(encs) == 1:
+            return {n: encs[0].column(n).contiguous().to(self.device) for n in names}
+        return {n: torch.cat([e.column(n) for e in encs]).to(self.device) for n in names}
 
     @staticmethod
     def _split(encs, p, hits, user_ms, cand_ms) -> list[Result]:
@@ -114,5 +119,5 @@ class Scorer:
 
 def ranking(scores: list[float], top_k: Optional[int]) -> list[int]:
     """Candidate indices by descending score (ties: input order), the first top_k."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return order[:top_k] if top_k else order
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return (order[:top_k] if top_k else order).tolist()
