@@ -114,7 +114,7 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x_QI: torch.Tensor, lookup: EmbeddingLookup) -> torch.Tensor:
         w_AQK, slots_AQK = self.slots(x_QI)
         v_AQKV = lookup.lookup(VALUE_TABLE, slots_AQK)
-        return (w_AQK.unsqueeze(-1) * v_AQKV).sum((0, 2))
+        return (w_AQK.unsqueeze(-2) @ v_AQKV).squeeze(-2).sum(0)
 
 
 def _rows(lookup: EmbeddingLookup, table: str, ids_Q: torch.Tensor, dim: int) -> torch.Tensor:
@@ -130,9 +130,11 @@ class MemoryReadout(nn.Module):
 
     Query input of behaviour b of user u: [e_b; e_u] (item row of b, user feature rows). Memory loss of the
     last training forward: lambda_mem * mean over queried positions and value dims of
-    SmoothL1_beta(m_b - sg(y_b)), y_b = W_y [e_b; e_u; a_b] (a_b: side-sequence rows of b, e.g. its rating).
-    The stop-gradient leaves W_y nothing to learn, so it is a fixed random projection (a buffer, saved with
-    the model); e_b, e_u and a_b still train through the ranking loss.
+    SmoothL1_beta(m_b - sg(y_b)), y_b = LN(W_y [e_b; e_u; a_b]) (a_b: side-sequence rows of b, e.g. its
+    rating). The stop-gradient leaves W_y nothing to learn, so it is a fixed random projection (a buffer,
+    saved with the model); e_b, e_u and a_b still train through the ranking loss. The LayerNorm (no affine)
+    makes the target scale-free: embedding rows start at std 0.01, where an unnormalised target puts the
+    loss at ~1e-5 and lambda_mem would mean nothing.
 
     It has the interface of `recmix.models.derived.DerivedFeature` without subclassing it: derived.py
     imports this module to build it, and an import back would be a cycle.
@@ -185,7 +187,7 @@ class MemoryReadout(nn.Module):
         self._last_loss = None
         if self.training and self.cfg.lambda_mem > 0 and m_QV.shape[0]:
             a = [_rows(lookup, f.table_name, batch[f.name][b_Q, s_Q], int(f.embedding_dim)) for f in self.side]
-            y_QV = (torch.cat([x_QI, *a], -1) @ self.w_y_YV).detach()
+            y_QV = F.layer_norm(torch.cat([x_QI, *a], -1) @ self.w_y_YV, (self.cfg.d_value,)).detach()
             self._last_loss = self.cfg.lambda_mem * F.smooth_l1_loss(m_QV, y_QV, beta=self.cfg.smooth_l1_beta)
         return out_BV
 
