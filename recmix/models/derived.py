@@ -51,8 +51,9 @@ def build_derived(cfg, schema) -> list[DerivedFeature]:
 def _builders():
     """The components that add derived features (imported lazily: they import this module)."""
     from .lmn import build_memory
+    from .sequence import build_sequence_tokens
 
-    return [build_memory]
+    return [build_sequence_tokens, build_memory]
 
 
 def check_derived(derived: list[DerivedFeature], schema) -> None:

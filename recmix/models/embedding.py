@@ -135,6 +135,8 @@ class FeatureEncoder(nn.Module):
                 if self.seq_pooling is SeqPooling.mean:
                     pooled_BE = pooled_BE / mask_BL.sum(1, keepdim=True).clamp(min=1).to(pooled_BE.dtype)
                 out[f.name] = pooled_BE
+            if f.train_dropout and self.training:   # whole rows, not rescaled: what an unseen id gives
+                out[f.name] = out[f.name] * (torch.rand(x.shape[0], 1, device=x.device) >= f.train_dropout)
         for d in self.derived:
             out[d.name] = d(batch, self.lookup)
         return out

@@ -82,6 +82,10 @@ def test_history_is_strictly_earlier_and_complete(prepared, raw):
         assert (np.diff(h_ts)[same_row] >= 0).all()
         assert np.array_equal(pc.list_flatten(t["hist_ratings"]).to_numpy(), rating_of[users, items])
         assert np.array_equal(pc.list_value_length(hist).to_numpy(), pc.list_value_length(t["hist_ratings"]).to_numpy())
+        # time-gap buckets, aligned: floor(log2(row ts - history ts)), clipped to the vocabulary
+        gaps = pc.list_flatten(t["hist_gaps"]).to_numpy()
+        want = np.minimum(np.floor(np.log2(t["timestamp"].to_numpy()[parent] - h_ts)), 25)
+        assert np.array_equal(gaps, want) and np.array_equal(pc.list_parent_indices(t["hist_gaps"]).to_numpy(), parent)
         n_checked += len(items)
     assert n_checked > 1_000_000
     # Completeness on a sample, computed directly from u.data: the last <= 50 strictly earlier ratings.
@@ -118,6 +122,9 @@ def test_item_user_and_context_features(prepared, ml100k_dir):
     assert s.feature("user_id").vocab_size == 944 and s.feature("item_id").vocab_size == 1683
     assert s.feature("zip_prefix").hash_buckets and s.feature("genres").vocab_size == 19
     assert {f.embedding_dim for f in s.inputs} == {16}
+    tok = s.feature("hist_items").tokens
+    assert tok.attributes == ["hist_ratings", "hist_gaps"] and tok.target == "item_id"
+    assert s.feature("hist_gaps").vocab_size == 26 and s.feature("user_id").train_dropout > 0
     m = ds.manifest
     assert m["format"] == "recmix-dataset-v1" and m["timestamp_column"] == "timestamp"
     assert m["source"]["type"] == "movielens100k" and m["created_utc"].endswith("Z")
@@ -152,6 +159,7 @@ def test_declared_schema_is_validated_and_used(ml100k_dir, tmp_path, prepared):
             f["vocab_size"] = 100
         if f["name"] == "hist_items":
             f["max_len"], f["vocab_size"], f["table"] = 10, 1683, None
+            f.pop("tokens")   # its attributes keep max_len 50, and the target shares no table now
     bad["features"].append({"name": "rating_dense", "role": "user", "type": "dense", "group": "user"})
     with pytest.raises(RecmixError) as e:
         run(spec(ml100k_dir, tmp_path / "b", features=bad), ClusterConfig())

@@ -14,6 +14,8 @@ N_OCCUPATIONS = 21
 AGE_BUCKETS = 10          # age // 10, ages 0..99
 ZIP_BUCKETS = 1000        # zip[:3] hashed by the model into this many buckets
 RATING_VOCAB = 6          # ratings 1..5, 0 free for padding
+# Time gap from a history entry to the row, floor(log2(seconds)) clipped to 0..GAP_BUCKETS-1 (2^25 s ~ 1 year).
+GAP_BUCKETS = 26
 # year // 5 mapped to 1..YEAR_BUCKETS-1 from 1900 (earlier years clip to 1, later to the last); 0 = unknown.
 YEAR_BASE = 1900 // 5
 YEAR_BUCKETS = 26
@@ -28,8 +30,22 @@ def year_bucket(year):
     return np.where(np.isnan(y), 0, b)
 
 
-def builtin_schema(n_users: int, n_items: int, history_len: int) -> FeatureSchema:
-    """Groups user/history (user side) and item/context (candidate side), label `label`."""
+def gap_bucket(seconds):
+    """Seconds (>= 1) between a history entry and its row -> bucket id in [0, GAP_BUCKETS)."""
+    import numpy as np
+
+    s = np.maximum(np.asarray(seconds, dtype=np.int64), 1)
+    return np.minimum(np.floor(np.log2(s)).astype(np.int64), GAP_BUCKETS - 1)
+
+
+# [choice] defaults of the history's position-aware tokens, chosen on ml-100k valid (docs/models.md).
+HISTORY_TOKENS = {"attributes": ["hist_ratings", "hist_gaps"], "target": "item_id"}
+
+
+def builtin_schema(n_users: int, n_items: int, history_len: int, user_dropout: float = 0.0) -> FeatureSchema:
+    """Groups user/history (user side) and item/context (candidate side), label `label`. The history's
+    items carry their ratings and time-gap buckets as aligned attributes (`tokens`); `user_dropout` is
+    user_id's `train_dropout` (a source whose evaluation users are mostly unseen in training sets it)."""
     d = EMBEDDING_DIM
 
     def cat(name, role, group, vocab=None, buckets=None, **kw):
@@ -44,14 +60,16 @@ def builtin_schema(n_users: int, n_items: int, history_len: int) -> FeatureSchem
             {"name": "context", "side": "candidate"},
         ],
         "features": [
-            cat("user_id", "user", "user", vocab=n_users + 1),
+            cat("user_id", "user", "user", vocab=n_users + 1, train_dropout=user_dropout),
             cat("age_bucket", "user", "user", vocab=AGE_BUCKETS),
             cat("gender", "user", "user", vocab=2),
             cat("occupation", "user", "user", vocab=N_OCCUPATIONS),
             cat("zip_prefix", "user", "user", buckets=ZIP_BUCKETS),
             {"name": "hist_items", "role": "sequence", "type": "sequence", "vocab_size": n_items + 1,
-             "embedding_dim": d, "table": "item_id", "group": "history", "max_len": history_len},
+             "embedding_dim": d, "table": "item_id", "group": "history", "max_len": history_len, "tokens": HISTORY_TOKENS},
             {"name": "hist_ratings", "role": "sequence", "type": "sequence", "vocab_size": RATING_VOCAB,
+             "embedding_dim": d, "group": "history", "max_len": history_len},
+            {"name": "hist_gaps", "role": "sequence", "type": "sequence", "vocab_size": GAP_BUCKETS,
              "embedding_dim": d, "group": "history", "max_len": history_len},
             cat("item_id", "item", "item", vocab=n_items + 1),
             {"name": "genres", "role": "item", "type": "multi_categorical", "vocab_size": N_GENRES,

@@ -7,7 +7,8 @@
   from (user, item) pairs: a linear model sees b_u + b_i, an interaction model sees all of z.
 * History: each user has a fixed pool of `history_len` Zipf items with ratings 1..5 from the same planted
   score; a row's history is the last l items of the pool, l ~ U{0..history_len}. Gathering from the pool
-  keeps histories cheap (no per-row sampling, no per-element dot products).
+  keeps histories cheap (no per-row sampling, no per-element dot products). Histories have no time: the
+  gap bucket of the k-th most recent entry (k = 1, 2, ...) is that of k minutes.
 * Row r (0-based, global) has timestamp T0 + r; chunks of `chunk_rows` are generated independently from
   SeedSequence([seed, chunk]), so files do not depend on how many workers ran.
 """
@@ -150,6 +151,8 @@ def generate_chunk(src: SyntheticSource, t: Tables, chunk: int, lo: int, hi: int
     cols.update({
         "hist_items": pa.ListArray.from_arrays(off, pa.array(t.pool_items.ravel()[flat].astype(np.int64))),
         "hist_ratings": pa.ListArray.from_arrays(off, pa.array(t.pool_ratings.ravel()[flat].astype(np.int64))),
+        # no history timestamps here: position k from the end (0 = most recent) is k + 1 minutes old
+        "hist_gaps": pa.ListArray.from_arrays(off, pa.array(builtin.gap_bucket(60 * (np.repeat(offsets[1:], lengths) - np.arange(offsets[-1]))))),
         "item_id": item.astype(np.int64), "genres": t.genres.take(pa.array(item)), "year_bucket": t.year[item],
         "hour": (ts // 3600) % 24, "weekday": (ts // 86400 + 3) % 7,
         "label": (z > 0).astype(np.float32), "timestamp": ts, "user_key": user.astype(np.int64),

@@ -61,6 +61,53 @@ class TokenGroup(StrictModel):
     side: GroupSide = GroupSide.candidate
 
 
+class SeqPool(str, Enum):
+    """A candidate-free pooling of a sequence's position representations (one user-side vector each)."""
+
+    mean = "mean"            # masked mean over valid positions
+    recency = "recency"      # softmax of a learned logit per recency rank (0 = most recent)
+    attention = "attention"  # a few learned queries attend over the positions (multi-query pooling)
+
+
+class TargetAttention(str, Enum):
+    """DIN-style candidate-side attention: the target item as the query over the sequence."""
+
+    softmax = "softmax"  # scores normalized over valid positions
+    sigmoid = "sigmoid"  # independent gates per position, mean over valid positions (DIN's unnormalized weights)
+    none = "none"
+
+
+class SequenceTokens(StrictModel):
+    """Position-aware tokens of a `sequence` feature (recmix/models/sequence.py).
+
+    Each position combines the item with its aligned attributes (other sequence columns of the same group
+    and max_len, one value per position: a rating, a time-gap bucket) through a small MLP, so which item
+    got which attribute survives pooling. `pools` give user-side vectors in the sequence's own group;
+    `target_attention` gives one candidate-side vector in the group of `target` (a categorical candidate
+    feature sharing the sequence's embedding table, e.g. item_id).
+    """
+
+    attributes: list[Name] = Field(default_factory=list, max_length=16)
+    width: Annotated[int, Field(gt=0, le=1024)] = 32
+    pools: list[SeqPool] = Field(default_factory=lambda: [SeqPool.mean, SeqPool.recency, SeqPool.attention], max_length=3)
+    attention_queries: Annotated[int, Field(ge=1, le=64)] = 2
+    target_attention: TargetAttention = TargetAttention.softmax
+    target: Optional[Name] = None
+    hidden: Annotated[int, Field(gt=0, le=4096)] = 32   # target-attention scorer MLP width
+
+    @model_validator(mode="after")
+    def _check(self) -> "SequenceTokens":
+        for what, values in (("attributes", [str(a) for a in self.attributes]), ("pools", [p.value for p in self.pools])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"sequence tokens: {what} has duplicates: {values}")
+        if self.target_attention is not TargetAttention.none and self.target is None:
+            raise ValueError(f"sequence tokens: target_attention {self.target_attention.value} needs a target "
+                             "(the candidate feature used as the query, e.g. item_id)")
+        if not self.pools and self.target_attention is TargetAttention.none:
+            raise ValueError("sequence tokens: no pools and target_attention none build nothing; remove `tokens`")
+        return self
+
+
 class Feature(StrictModel):
     name: Name
     role: FeatureRole
@@ -73,15 +120,23 @@ class Feature(StrictModel):
     dim: Annotated[int, Field(gt=0, le=65536)] = 1
     group: Optional[Name] = None
     max_len: Optional[Annotated[int, Field(gt=0, le=100_000)]] = None
+    tokens: Optional[SequenceTokens] = None   # sequence features only: position-aware tokens (derived features)
+    # Share of training rows that see this feature's vector as zeros, as an id never seen in training looks
+    # (an untrained row of a small-init table is ~0): trains the cold-user case. No effect in evaluation.
+    train_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> "Feature":
         sparse = self.type is not FeatureType.dense
+        if self.tokens is not None and self.type is not FeatureType.sequence:
+            raise ValueError(f"{self.type.value} feature '{self.name}' takes no tokens (only sequence features do)")
         if self.role is FeatureRole.label:
             if self.type is not FeatureType.dense or self.dim != 1:
                 raise ValueError(f"label feature '{self.name}' must have type 'dense' and dim 1, got type '{self.type.value}' dim {self.dim}")
             if self.group is not None:
                 raise ValueError(f"label feature '{self.name}' must not name a token group (got '{self.group}')")
+            if self.train_dropout:
+                raise ValueError(f"label feature '{self.name}' takes no train_dropout (got {self.train_dropout})")
         elif self.group is None:
             raise ValueError(f"feature '{self.name}' needs a token group ('group')")
         if sparse:
@@ -151,6 +206,10 @@ class FeatureSchema(StrictModel):
                         f"{other.n_ids}x{other.embedding_dim} vs {f.n_ids}x{f.embedding_dim}")
         if not self.labels:
             raise ValueError("the feature schema needs at least one feature with role 'label'")
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.tokens is not None:
+                _check_tokens(f, by_name, sides)
         used = {f.group for f in self.features if f.group is not None}
         empty = [g for g in sorted(group_names) if g not in used]
         if empty:
@@ -173,6 +232,29 @@ class FeatureSchema(StrictModel):
             if f.name == name:
                 return f
         raise KeyError(name)
+
+
+def _check_tokens(f: Feature, by_name: dict[str, Feature], sides: dict[str, GroupSide]) -> None:
+    """Attributes are aligned sequences of the same group and max_len; the target shares the sequence's table
+    and sits in a candidate-side group (its attention token reads the candidate)."""
+    where = f"feature '{f.name}' tokens"
+    for a in f.tokens.attributes:
+        other = by_name.get(a)
+        if other is None:
+            raise ValueError(f"{where}: attribute '{a}' is not a feature (known: {sorted(by_name)})")
+        if a == f.name or other.type is not FeatureType.sequence or other.tokens is not None:
+            raise ValueError(f"{where}: attribute '{a}' must be another sequence feature without tokens of its own")
+        if (other.group, other.max_len) != (f.group, f.max_len):
+            raise ValueError(f"{where}: attribute '{a}' must share group and max_len with '{f.name}' "
+                             f"(got group '{other.group}' max_len {other.max_len} vs '{f.group}' {f.max_len})")
+    t = f.tokens.target
+    if t is None:
+        return
+    tf = by_name.get(t)
+    if tf is None or tf.type is not FeatureType.categorical or tf.table_name != f.table_name:
+        raise ValueError(f"{where}: target '{t}' must be a categorical feature sharing table '{f.table_name}' with '{f.name}'")
+    if sides[tf.group] is not GroupSide.candidate:
+        raise ValueError(f"{where}: target '{t}' must sit in a candidate-side group (its group '{tf.group}' is user-side)")
 
 
 class StorageConfig(StrictModel):
