@@ -101,6 +101,18 @@ class SnapshotLookup(EmbeddingLookup):
 
 
 def _snapshot_lookup(fs, base: str, schema: FeatureSchema) -> SnapshotLookup:
+    """The schema's tables from the snapshot at `base`, and the LMN memory values (`lmn_values`, every slot)
+    from `base/memory` when the run had a memory shard group (`recmix.jobs.train.ps_group`)."""
+    tables, rows = tables_from_schema(schema), _snapshot_rows(fs, base)[1]
+    mem = storage.join(base, "memory")
+    if fs.get_file_info(storage.join(mem, "manifest.json")).type.name == "File":
+        manifest, mrows = _snapshot_rows(fs, mem)
+        tables |= {t: TableSpec(t, int(manifest["rows"][t]), int(d["dim"]), False) for t, d in manifest["tables"].items()}
+        rows |= mrows
+    return SnapshotLookup(tables, rows)
+
+
+def _snapshot_rows(fs, base: str) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     manifest = json.loads(storage.read_bytes(fs, storage.join(base, "manifest.json")))
     parts: dict[str, list] = {}
     for f in manifest["files"]:
@@ -108,5 +120,5 @@ def _snapshot_lookup(fs, base: str, schema: FeatureSchema) -> SnapshotLookup:
             continue
         with np.load(io.BytesIO(storage.read_bytes(fs, storage.join(base, f["file"])))) as z:
             parts.setdefault(f["table"], []).append((z["ids"], z["rows"]["v"]))
-    rows = {t: (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps])) for t, ps in parts.items()}
-    return SnapshotLookup(tables_from_schema(schema), rows)
+    return manifest, {t: (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]))
+                      for t, ps in parts.items()}

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -15,6 +16,8 @@ from recmix.actors import checkpoint
 from recmix.actors.group import attach, attach_lookup, create_memory_group
 from recmix.actors.memory import MemoryShardConfig
 from recmix.models.embedding import TableSpec
+
+from tests.unit.test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
 
 T = "lmn_values"
 N, E = 2000, 8
@@ -78,3 +81,74 @@ def test_memory_group_restart_reshard_attach_and_cleanup(ray_cluster, tmp_path):
         if other is not None:
             other.destroy()
     assert not [p for r in roots for p in glob.glob(f"{r}-*")], "destroy left memory files behind"
+
+
+# --- training: the memory group beside the embedding group ------------------------------------------------------
+
+MEMORY = dict(n_sub=6, d_key=8, d_value=4, k_axis=3, top_k=3, user_features=["user_id"], side_sequences=[],
+              lambda_mem=0.5)
+
+
+def _spec(uri, out, **extra):
+    from recmix.platform.specs.job import JOB_ADAPTER
+
+    return JOB_ADAPTER.validate_python(dict(
+        kind="train", dataset=dict(uri=uri), output=str(out), epochs=1, batch_size=64, seed=0, threads=1,
+        optimizer=dict(name="adamw", lr=0.01), model=dict(arch="tokenmixer_large", d_model=16, n_heads=4,
+                                                          n_layers=2, memory=MEMORY),
+        embedding=dict(name="lmnps", shards=2, lmdb_path=str(out / "lmdb")), **extra))
+
+
+def _memory_rows(folder) -> np.ndarray:
+    import json
+
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["rows"] == {T: 36} and m["shards"] == 2
+    parts = [np.load(folder / f["file"]) for f in m["files"]]
+    ids = np.concatenate([p["ids"] for p in parts])
+    return np.concatenate([p["rows"]["v"] for p in parts])[np.argsort(ids)]
+
+
+def _initial_rows() -> np.ndarray:
+    from recmix.actors.rows import init_values
+
+    cfg = MemoryShardConfig()
+    return init_values(cfg.initializer, cfg.seed, T, np.arange(36, dtype=np.int64), 4)
+
+
+@pytest.mark.slow
+def test_in_process_training_keeps_the_memory_in_its_group(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
+    from recmix.jobs.train import train
+    from recmix.models.lmn import VALUE_TABLE
+
+    res = train(_spec(tiny_dataset, tmp_path / "run"), log=lambda s: None)
+    assert VALUE_TABLE in res.model.encoder.lookup.tables           # served by the memory group
+    rows = _memory_rows(tmp_path / "run" / "embeddings" / "memory")
+    assert not np.allclose(rows, _initial_rows())                    # the values trained
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "lmnps" in str(a)]
+
+
+@pytest.mark.slow
+def test_ray_train_shares_the_memory_group_and_the_artifact_carries_it(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
+    from recmix.jobs.train import run
+    from recmix.jobs.train.score import score
+    from recmix.models.artifact import load_artifact
+    from recmix.models.lmn import VALUE_TABLE
+
+    out = tmp_path / "run"
+    s = _spec(tiny_dataset, out).model_dump(mode="json", exclude_unset=True)
+    s.update(scaling={"workers": 2})
+    from recmix.platform.specs.job import JOB_ADAPTER
+
+    summary = run(JOB_ADAPTER.validate_python(s), log=lambda line: None)
+    version = out / "artifact" / (out / "artifact" / "LATEST").read_text().strip()
+    rows = _memory_rows(version / "embeddings" / "memory")
+    assert not np.allclose(rows, _initial_rows())
+    model = load_artifact(str(out / "artifact"))                     # no shard group is running any more
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "lmnps" in str(a)]
+    got = model.encoder.lookup.lookup(VALUE_TABLE, torch.arange(36))
+    np.testing.assert_array_equal(got.numpy(), rows)
+    res = score(str(out / "artifact"), str(tiny_dataset), echo=lambda line: None)
+    assert abs(res["auc"] - summary["test"]["auc"]) < 1e-6, (res, summary["test"])
+    cks = sorted((out / "checkpoints" / "train").glob("checkpoint-*"))
+    assert cks and all((c / "ps" / "memory" / "snapshot.json").exists() for c in cks)

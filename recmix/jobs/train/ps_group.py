@@ -6,17 +6,24 @@ gradients scaled by 1 / world size, as DDP averages the dense ones) and never st
 every rank waited for its pushes: one inside each dense checkpoint (`ps/`, tied to the checkpoint's name, so
 a resume restores exactly the rows of the checkpoint it resumes from) and one per new best epoch under the
 run folder (`ps-best/`, restored exactly when a later epoch was worse).
+
+With `model.memory` (LMN) the value table lives in a second group, the memory group (`<embedding.name>_memory`,
+range-partitioned slot ids, `recmix.actors.memory`), created and destroyed with the embedding group; workers
+attach to it by name, the model reads it through the same lookup (batch mode: slot ids depend on dense
+weights), and every snapshot above has its memory part in a `memory/` subfolder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 
 from recmix.platform import storage
 from recmix.platform.specs.train import TrainSpec
 
 SUBDIR = "ps"
+MEMORY = "memory"     # the memory group's part of a snapshot: a subfolder of the embedding group's
 
 
 def namespace(spec: TrainSpec) -> str:
@@ -24,14 +31,51 @@ def namespace(spec: TrainSpec) -> str:
     return f"recmix-train-{spec.name}-{hashlib.sha1(spec.output.encode()).hexdigest()[:10]}"
 
 
-def create(spec: TrainSpec, schema):
-    """Driver: a fresh group (a leftover one of this run, from a killed driver, is destroyed first)."""
-    from recmix.actors.group import create_group, destroy_group
+def memory_shards(spec: TrainSpec):
+    """The memory group's config, or None when the model has no `memory:`."""
+    from recmix.actors.memory import memory_config
+
+    mem = getattr(spec.model, "memory", None)
+    return None if mem is None else memory_config(spec.embedding, mem.value_optimizer.value)
+
+
+@dataclass
+class RunGroups:
+    """The driver's groups of a run: `ref` (what workers get) names the embedding group; the memory group's
+    name follows from the spec (`memory_shards`)."""
+
+    embedding: object
+    memory: object = None
+
+    @property
+    def ref(self):
+        return self.embedding.ref
+
+    def destroy(self) -> None:
+        self.embedding.destroy()
+        if self.memory is not None:
+            self.memory.destroy()
+
+
+def create(spec: TrainSpec, schema) -> RunGroups:
+    """Driver: fresh groups (leftover ones of this run, from a killed driver, are destroyed first)."""
+    from recmix.actors.group import create_group, create_memory_group, destroy_group
     from recmix.models.embedding import tables_from_schema
+    from recmix.models.lmn import memory_tables
 
     ns = namespace(spec)
-    destroy_group(spec.embedding.name, ns)
-    return create_group(spec.embedding, {t: s.dim for t, s in tables_from_schema(schema).items()}, namespace=ns)
+    mcfg = memory_shards(spec)
+    for name in (spec.embedding.name, *([mcfg.name] if mcfg else [])):
+        destroy_group(name, ns)
+    groups = RunGroups(create_group(spec.embedding, {t: s.dim for t, s in tables_from_schema(schema).items()},
+                                    namespace=ns))
+    if mcfg is not None:
+        try:
+            groups.memory = create_memory_group(mcfg, memory_tables(spec.model), namespace=ns)
+        except BaseException:
+            groups.destroy()
+            raise
+    return groups
 
 
 class WorkerTables:
@@ -48,6 +92,16 @@ class WorkerTables:
         self.lookup = attach_lookup(ref, tables_from_schema(schema), mode=LookupMode(spec.sparse.mode.value),
                                     hbm_rows=spec.sparse.hbm_rows, device=ctx.device,
                                     grad_scale=grad_scale_for(ctx.world_size))
+        self.memory = None
+        mcfg = memory_shards(spec)
+        if mcfg is not None:
+            from recmix.actors.group import GroupRef
+            from recmix.models.lmn import memory_tables
+
+            self.memory = attach_lookup(GroupRef(mcfg.name, ref.namespace), memory_tables(spec.model),
+                                        mode=LookupMode.batch, device=ctx.device,
+                                        grad_scale=grad_scale_for(ctx.world_size))
+            self.lookup.add_group(self.memory)     # the model's one lookup serves the memory values too
         self.best_root = storage.join(spec.output, "checkpoints", spec.name, "ps-best")
 
     def train_stream(self, batches):
@@ -89,33 +143,44 @@ class WorkerTables:
         from recmix.actors.snapshot import save_snapshot
 
         uri = storage.join(self.best_root, f"epoch-{epoch}")
-        self._on_rank0(lambda: (_clear(uri, self.spec), save_snapshot(self.lookup.client, uri, f"epoch-{epoch}",
-                                                                       self.spec.storage)))
+        self._on_rank0(lambda: (_clear(uri, self.spec), self._save(uri, f"epoch-{epoch}", self.spec.storage)))
 
     def restore(self, epoch: int) -> None:
-        from recmix.actors.snapshot import restore_snapshot
-
         uri = storage.join(self.best_root, f"epoch-{epoch}")
-        self._on_rank0(lambda: restore_snapshot(self.lookup.client, uri, f"epoch-{epoch}", self.spec.storage))
+        self._on_rank0(lambda: self._restore(uri, f"epoch-{epoch}", self.spec.storage))
 
     def save_into(self, checkpoint_dir: str | None, checkpoint_id: str) -> None:
         """Collective: rank 0 writes the snapshot into the (local) checkpoint folder it is about to report."""
-        from recmix.actors.snapshot import save_snapshot
-
-        self._on_rank0(lambda: save_snapshot(self.lookup.client, os.path.join(checkpoint_dir, SUBDIR), checkpoint_id))
+        self._on_rank0(lambda: self._save(os.path.join(checkpoint_dir, SUBDIR), checkpoint_id))
 
     def load_from(self, checkpoint_dir: str, checkpoint_id: str) -> None:
         """Collective: the shards return exactly to the snapshot of the checkpoint a resume starts from."""
+        self._on_rank0(lambda: self._restore(os.path.join(checkpoint_dir, SUBDIR), checkpoint_id))
+
+    def _save(self, uri: str, checkpoint_id: str, storage_cfg=None) -> None:
+        from recmix.actors.snapshot import save_snapshot
+
+        save_snapshot(self.lookup.client, uri, checkpoint_id, storage_cfg)
+        if self.memory is not None:
+            save_snapshot(self.memory.client, storage.join(uri, MEMORY), checkpoint_id, storage_cfg)
+
+    def _restore(self, uri: str, checkpoint_id: str, storage_cfg=None) -> None:
         from recmix.actors.snapshot import restore_snapshot
 
-        self._on_rank0(lambda: restore_snapshot(self.lookup.client, os.path.join(checkpoint_dir, SUBDIR), checkpoint_id))
+        restore_snapshot(self.lookup.client, uri, checkpoint_id, storage_cfg)
+        if self.memory is not None:
+            restore_snapshot(self.memory.client, storage.join(uri, MEMORY), checkpoint_id, storage_cfg)
 
     def serving_snapshot(self, uri: str) -> dict:
-        """Rank 0, at the end: the rows (every id the run pulled, test included) for the artifact."""
+        """Rank 0, at the end: the rows (every id the run pulled, test included) for the artifact; the memory
+        values (every slot) in `<uri>/memory`, which `models.artifact.load_artifact` reads back."""
         from recmix.actors import checkpoint
 
         self.lookup.wait()
-        return checkpoint.save(self.lookup.client, uri, self.spec.storage)["rows"]
+        rows = checkpoint.save(self.lookup.client, uri, self.spec.storage)["rows"]
+        if self.memory is not None:
+            rows |= checkpoint.save(self.memory.client, storage.join(uri, MEMORY), self.spec.storage)["rows"]
+        return rows
 
     def close(self) -> None:
         self.lookup.close()   # releases the client only: the driver owns the shards
