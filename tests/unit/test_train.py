@@ -106,7 +106,7 @@ def test_train_spec_validation_names_the_problem():
         JOB_ADAPTER.validate_python(dict(kind="train", dataset=dict(uri="x"), output="gs://b/o", model=dict(arch="dlrm_mlp")))
 
 
-def _scripted_fit(monkeypatch, valid_aucs, patience, progress_s=10.0, n_rows=40):
+def _scripted_fit(monkeypatch, valid_aucs, patience, progress_s=10.0, n_rows=40, ctx=None):
     """`fit` with train_step and evaluate replaced: epoch e scores valid_aucs[e - 1] on the valid split."""
     from recmix.jobs.train import loop
     from recmix.jobs.train.data import SplitArrays
@@ -125,7 +125,7 @@ def _scripted_fit(monkeypatch, valid_aucs, patience, progress_s=10.0, n_rows=40)
     monkeypatch.setattr(loop, "evaluate", evaluate)
     logs = []
     feed = loop.ArrayFeed(train, valid, test, batch_size=4, seed=0)
-    res = loop.fit(torch.nn.Linear(1, 1), None, feed, loop.LocalContext(logs.append), eval_batch_size=4,
+    res = loop.fit(torch.nn.Linear(1, 1), None, feed, ctx or loop.LocalContext(logs.append), eval_batch_size=4,
                    epochs=len(valid_aucs), patience=patience, progress_s=progress_s)
     return res, logs
 
@@ -146,6 +146,39 @@ def test_progress_lines_within_an_epoch(monkeypatch):
     steps = [line for line in logs if within.search(line)]
     assert len(steps) == 9                   # 10 steps of 4 rows; none after the last step (the epoch line follows)
     assert steps[0].startswith("[train] epoch 1 step 1/10:") and "samples/s" in steps[0] and "loss 0.2500" in steps[0]
+
+
+def test_fit_hands_its_figures_to_the_context_and_the_gauges_keep_them(monkeypatch):
+    """Rank 0's figures reach `observe` from the first step of every epoch; the driver's gauges set them again on
+    every refresh (Ray's agent drops a gauge series not set within 20 s)."""
+    from recmix.jobs.train import loop
+    from recmix.jobs.train.progress import FIGURES, TrainGauges
+
+    class Observed(loop.LocalContext):
+        figures: list = []
+
+        def observe(self, figures):
+            self.figures.append(figures)
+
+    ctx = Observed(lambda line: None)
+    _scripted_fit(monkeypatch, [0.6, 0.7], patience=5, ctx=ctx)
+    firsts = [f for f in ctx.figures if f["step"] in (1, 11)]
+    assert [f["epoch"] for f in firsts] == [1, 2] and all(f["loss"] == 0.25 and f["samples_per_s"] > 0 for f in firsts)
+
+    sets: list = []
+
+    class FakeGauge:
+        def __init__(self, name, tags):
+            self.name, self.tags = name, tags
+
+        def set(self, v):
+            sets.append((self.name, v))
+
+    gauges = TrainGauges("run-a", make=lambda name, **tags: FakeGauge(name, tags))
+    assert {g.tags["group"] for g in gauges._gauges.values()} == {"run-a"} and len(gauges._gauges) == len(FIGURES)
+    gauges.set({"step": 3, "loss": 0.5, "rows": 7, "note": "x"})   # unregistered keys are ignored
+    gauges.refresh()
+    assert sets == [("recmix_train_step", 3.0), ("recmix_train_loss", 0.5)] * 2
 
 
 def test_metrics_json_keeps_secret_interpolations_out(tmp_path, monkeypatch):

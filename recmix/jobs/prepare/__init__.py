@@ -89,4 +89,28 @@ def _run(spec: PrepareSpec, cluster: ClusterConfig, version: str, published: lis
         source = redact(src.model_dump(mode="json"))
     manifest = writer.publish(fs, root, version, schema, stats, source)
     published.append(manifest)
-    return _report(spec, manifest, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if not isinstance(src, SyntheticSource):   # the synthetic chunk tasks export their own rows
+        _export(spec, cluster, sum(s["rows"] for s in manifest["splits"].values()), seconds)
+    return _report(spec, manifest, seconds)
+
+
+def _export(spec: PrepareSpec, cluster: ClusterConfig, rows: int, seconds: float) -> None:
+    """rows and rows/s of a prepare written by this process (MovieLens, parquet), as the synthetic chunk tasks
+    export theirs (group: the dataset's name). On a Ray cluster only: the one this process is connected to,
+    or the one it would join (`address`, or `RAY_ADDRESS` inside a Ray job); a standalone run starts none for
+    two numbers. A driver's metrics reach the node's agent at the latest when it disconnects."""
+    import os
+    import sys
+
+    from recmix.platform import cluster as ray_cluster
+    from recmix.platform.metrics import make
+
+    ray = sys.modules.get("ray")   # not imported: not connected (a standalone prepare never imports Ray)
+    connected = ray is not None and ray.is_initialized()
+    if not connected and cluster.address == "local" and not os.environ.get("RAY_ADDRESS", "").strip():
+        return
+    with ray_cluster.cluster(cluster):
+        tags = {"component": "prepare", "group": spec.output.uri.rstrip("/").rsplit("/", 1)[-1] or "dataset"}
+        make("recmix_prepare_rows", **tags).inc(rows)
+        make("recmix_prepare_rows_per_s", **tags).set(rows / max(seconds, 1e-9))

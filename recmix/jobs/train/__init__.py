@@ -37,6 +37,7 @@ from recmix.platform.specs.train import TrainSpec
 from . import artifact, state
 from .data import SplitArrays, to_arrays
 from .loop import ArrayFeed, FitResult, LocalContext, fit, make_optimizer, train_step  # noqa: F401  (train_step: the public unit)
+from .progress import Progress, TrainGauges
 
 COMPLETE = "_recmix_complete.json"   # written into the run folder once the artifact is published
 
@@ -221,39 +222,6 @@ def check_resources(spec: TrainSpec) -> None:
         raise RecmixError(f"scaling: {n} workers with use_gpu need {n} GPUs; the cluster has {total.get('GPU', 0):g}")
 
 
-class _Progress:
-    """Prints the workers' progress lines in the driver (they arrive through a Ray queue)."""
-
-    def __init__(self, log):
-        from ray.util.queue import Queue
-
-        self.queue, self.log = Queue(actor_options={"num_cpus": 0}), log
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self._stop.is_set():
-            try:
-                self.log(self.queue.get(timeout=0.5))
-            except Empty:
-                continue
-            except Exception:   # the queue actor went away (cluster shutting down)
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        while True:
-            try:
-                self.log(self.queue.get_nowait())
-            except Exception:
-                break
-        self.queue.shutdown()
-
-
 def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bool = False,
         log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
@@ -305,7 +273,7 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
         from . import ps_group
 
         group = ps_group.create(spec, ds.schema)
-    progress = _Progress(log)
+    progress = Progress(log, TrainGauges(spec.name))
     config = {"spec": spec, "dataset_version": ds.version, "progress": progress.queue, "group": group and group.ref,
               "serving_uri": storage.join(artifact.version_uri(spec, version), serving) if serving else None}
     s3 = not isinstance(fs, pafs.LocalFileSystem)

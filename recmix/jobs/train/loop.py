@@ -24,6 +24,7 @@ from .data import SplitArrays
 from .metrics import auc, logloss
 
 PROGRESS_S = 10.0   # seconds between progress lines within an epoch
+FIGURES_S = 2.0     # seconds between rank 0's figures for the gauges within an epoch (progress.py)
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -93,6 +94,7 @@ class Context(Protocol):
     def gather(self, obj) -> list: ...                  # every rank's obj, in rank order, on every rank
     def broadcast(self, obj): ...                       # rank 0's obj on every rank
     def log(self, line: str) -> None: ...
+    def observe(self, figures: dict) -> None: ...       # step, loss, samples/s ... for the metrics (rank 0's count)
 
 
 @dataclass
@@ -116,6 +118,9 @@ class LocalContext:
 
     def broadcast(self, obj):
         return obj
+
+    def observe(self, figures: dict) -> None:
+        pass
 
 
 class Feed(Protocol):
@@ -213,7 +218,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
 
     while st.epoch < epochs and not st.stopped:
         epoch = st.epoch + 1
-        t0 = t_report = time.perf_counter()
+        t0 = t_report = t_fig = time.perf_counter()
         sums: dict[str, float] = dict(st.sums)
         steps, n_epoch, skip, due = st.step_in_epoch, 0, st.step_in_epoch, False
         stream = feed.train_batches(epoch)
@@ -240,6 +245,10 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
             now = time.perf_counter()
             if every_steps and st.step % every_steps == 0:
                 due = True
+            if now - t_fig >= FIGURES_S or steps == 1:
+                t_fig = now
+                ctx.observe({"step": st.step, "epoch": epoch, "loss": sums.get("loss", float("nan")) / steps,
+                             "samples_per_s": n_epoch / max(now - t0, 1e-9)})
             if ctx.rank == 0 and now - t_report >= progress_s and steps < feed.steps_per_epoch:
                 t_report = now
                 ctx.log(f"[train] epoch {epoch} step {steps}/{feed.steps_per_epoch}: {n_epoch / (now - t0):,.0f} samples/s  "

@@ -39,7 +39,6 @@ class RayContext:
         self.rank, self.world_size = c.get_world_rank(), c.get_world_size()
         self.device = ray.train.torch.get_device()
         self._progress = progress
-        self._gauges: dict = {}
 
     def log(self, line: str) -> None:
         if self._progress is not None:
@@ -50,27 +49,16 @@ class RayContext:
 
         ck = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         name = checkpoint_name(metrics["step"], "valid_auc" in metrics)
-        if self.rank == 0:
-            self._export(metrics)
+        self.observe(metrics)
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=ck,
                          checkpoint_dir_name=name)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
-    def _export(self, metrics: dict) -> None:
-        """The progress figures as Prometheus gauges (`ray.util.metrics`), beside Ray Train's own."""
-        from ray.util.metrics import Gauge
-
-        import ray.train
-
-        for key in ("step", "epoch", "loss", "train_loss", "valid_auc", "samples_per_s"):
-            if key in metrics:
-                if key not in self._gauges:
-                    self._gauges[key] = Gauge(f"recmix_train_{key}", description=f"recmix train: {key} (rank 0)",
-                                              tag_keys=("component", "group"))  # registry: recmix/platform/metrics.py
-                    self._gauges[key].set_default_tags(
-                        {"component": "train", "group": ray.train.get_context().get_experiment_name()})
-                self._gauges[key].set(float(metrics[key]))
+    def observe(self, figures: dict) -> None:
+        """Rank 0's figures (step, loss, samples/s, ...) for the driver's gauges (progress.py)."""
+        if self._progress is not None and self.rank == 0:
+            self._progress.put_nowait({k: v for k, v in figures.items() if isinstance(v, (int, float))})
 
     def latest_checkpoint(self) -> Optional[str]:
         import ray.train
