@@ -1,17 +1,20 @@
-"""`recmix bench quality`: DLRM-MLP vs RankMixer vs TokenMixer-Large (dense, S-P MoE 1:2) on ml-100k.
+"""`recmix bench quality`: DLRM-MLP vs RankMixer vs TokenMixer-Large (dense, S-P MoE 1:2, UG-Sep 1:1) on ml-100k.
 
-Full: 4 models x seeds 0, 1, 2 on the evaluation contract (train 80k / valid 10k / test 10k by time),
-early stopping on valid AUC, test scored once with the best epoch; mean and std over seeds of test AUC,
-logloss, warm-user and cold-user AUC, plus paired bootstraps over users (TokenMixer-Large vs RankMixer,
-RankMixer vs DLRM, MoE vs dense) averaged over seeds. Runs go to a pool of `workers` (default 2)
-single-threaded processes.
+Full: 5 models x seeds 0, 1, 2 on the evaluation contract (train 80k / valid 10k / test 10k by time),
+early stopping on valid AUC, test scored once with the best epoch; mean and sample std (ddof = 1) over
+seeds of test AUC, logloss, warm-user and cold-user AUC, plus paired bootstraps over users
+(TokenMixer-Large vs RankMixer, RankMixer vs DLRM, MoE vs dense, UG-Sep vs dense) averaged over seeds.
+Every model gets the dataset schema's inputs, its sequence tokens (docs/models.md) included. Runs go to a
+pool of `workers` (default 2) single-threaded processes.
 Quick: seed 0, one epoch on the first 4,000 training rows, 2,000 valid/test rows, in-process (a smoke test
 of the same path, not a result).
 
 Parameters (`QualityParams`, `recmix bench quality --set key=value`): `dataset` (a prepared dataset URI, default
 `${RECMIX_ARTIFACTS:-./artifacts}/ml100k`), prepared from the raw MovieLens-100K folder `ml100k` (default: the
 `RECMIX_ML100K` environment variable) when it has no manifest; point `dataset` at a synthetic dataset with the
-same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`.
+same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`, `models` (a subset), and
+the protocol: `lr`, `weight_decay`, `batch_size`, `epochs`, `patience` (defaults: the valid-only sweep of
+docs/models.md).
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ from recmix.platform.bench import BenchReport
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.bench import QualityParams
 
+# [choice] TokenMixer-Large and RankMixer share chunk tokens (T = 8, D = 32, L = 2): group_mlp's 5 tokens trailed
+# RankMixer by 0.022 test AUC on planted synthetic data and chunk tokens led it (docs/models.md). Every model
+# gets the same inputs, the schema's sequence tokens included.
+_TML = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="none", n_tokens=8, d_model=32,
+            n_layers=2, ffn_mult=2.0)
 MODELS: dict[str, dict] = {
     "dlrm_mlp": dict(arch="dlrm_mlp", hidden=[128, 64]),
     "rankmixer": dict(arch="rankmixer", tokenizer="chunk_per_token", n_tokens=8, d_model=32, n_layers=2, ffn_mult=2.0),
-    "tokenmixer_large": dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=32, n_heads=4, n_layers=2, ffn_mult=2.0),
-    "tokenmixer_large_moe_1_2": dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=32, n_heads=4, n_layers=2,
-                                     ffn_mult=2.0, moe=dict(n_experts=4, n_active=2)),
+    "tokenmixer_large": _TML,
+    "tokenmixer_large_moe_1_2": {**_TML, "moe": dict(n_experts=4, n_active=2)},
+    "tokenmixer_large_ugsep_1_1": {**_TML, "ugsep": dict(user_tokens="1:1")},
 }
-PAIRS = [("tokenmixer_large", "rankmixer"), ("rankmixer", "dlrm_mlp"), ("tokenmixer_large_moe_1_2", "tokenmixer_large")]
+PAIRS = [("tokenmixer_large", "rankmixer"), ("rankmixer", "dlrm_mlp"), ("tokenmixer_large_moe_1_2", "tokenmixer_large"),
+         ("tokenmixer_large_ugsep_1_1", "tokenmixer_large")]
 
 
 def dataset_uri(params: QualityParams) -> str:
@@ -54,19 +63,20 @@ def _ensure_dataset(uri: str, params: QualityParams) -> None:
     prepare(PrepareSpec(kind="prepare", source=dict(type="movielens100k", path=src), output=dict(uri=uri)), ClusterConfig())
 
 
-def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str):
+def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str, params: QualityParams):
     from recmix.platform.specs.train import TrainSpec
 
-    return TrainSpec(kind="train", dataset=dict(uri=uri), model=model, seed=seed, threads=1, batch_size=512,
-                     epochs=1 if quick else 8, early_stopping=dict(patience=1), output=f"./artifacts/runs/quality/{name}-s{seed}",
-                     optimizer=dict(name="adamw", lr=1e-3))
+    return TrainSpec(kind="train", dataset=dict(uri=uri), model=model, seed=seed, threads=1, batch_size=params.batch_size,
+                     epochs=1 if quick else params.epochs, early_stopping=dict(patience=params.patience),
+                     output=f"./artifacts/runs/quality/{name}-s{seed}",
+                     optimizer=dict(name="adamw", lr=params.lr, weight_decay=params.weight_decay))
 
 
 def _one(args) -> dict:
-    name, model, seed, quick, uri = args
+    name, model, seed, quick, uri, params = args
     from recmix.jobs.train import load_splits, train
 
-    spec = spec_for(name, model, seed, quick, uri)
+    spec = spec_for(name, model, seed, quick, uri, params)
     schema, splits = load_splits(spec)
     if quick:   # a smoke test of the same path: 4,000 train rows, 2,000 valid/test rows
         for split, n in (("train", 4000), ("valid", 2000), ("test", 2000)):
@@ -91,7 +101,12 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
     uri = dataset_uri(params)
     _ensure_dataset(uri, params)
     seeds = [0] if quick else list(params.seeds)
-    jobs = [(n, m, s, quick, uri) for s in seeds for n, m in models.items()]
+    unknown = sorted(set(params.models) - set(models))
+    if unknown:
+        raise RecmixError(f"params.models: unknown models {unknown} (known: {', '.join(models)})")
+    models = {n: m for n, m in models.items() if not params.models or n in params.models}
+    pairs = [(a, b) for a, b in pairs if a in models and b in models]
+    jobs = [(n, m, s, quick, uri, params) for s in seeds for n, m in models.items()]
     workers = params.workers
     if quick:   # in-process: spawning workers (each importing torch) costs more than the quick runs
         runs = [_one(j) for j in jobs]
@@ -103,13 +118,16 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
     for n, rs in by.items():
         def ms(key, sub="test"):
             # None, not NaN, when a split has one class only (quick mode's warm rows): the JSON line stays strict
+            # sample standard deviation over seeds (ddof = 1); None with one seed
             v = np.array([r[sub][key] if sub else r[key] for r in rs], dtype=float)
-            return (None, None) if np.isnan(v).any() else (float(v.mean()), float(v.std()))
+            if np.isnan(v).any():
+                return None, None
+            return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
         auc_m, auc_s = ms("auc")
         stats = {"test_auc": [auc_m, auc_s], "test_logloss": list(ms("logloss")), "auc_warm": list(ms("auc_warm")),
                  "auc_cold": list(ms("auc_cold")), "valid_auc": list(ms("valid_auc", None)),
                  "epochs": [r["epochs_run"] for r in rs], "params_dense": rs[0]["params_dense"], "flops": rs[0]["flops"],
-                 "per_seed_test_auc": [r["test"]["auc"] for r in rs]}
+                 "per_seed_test_auc": [r["test"]["auc"] for r in rs], "best_epochs": [r["best_epoch"] for r in rs]}
         results["models"][n] = stats
         f4 = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         rows.append([n, f"{f4(auc_m)} ± {f4(auc_s)}", f4(stats["test_logloss"][0]), f4(stats["auc_warm"][0]),
@@ -123,6 +141,9 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
              "; ".join(f"{k}: d={v['delta']:+.4f} [{v['lo95']:+.4f}, {v['hi95']:+.4f}]" for k, v in results["pairs"].items())]
     if quick:
         notes.append("quick: seed 0, 1 epoch on 4,000 training rows, 2,000 valid/test rows -- a smoke test, not a quality figure")
+    protocol = params.model_dump(include={"lr", "weight_decay", "batch_size", "epochs", "patience"})
+    notes.append(f"protocol: adamw {protocol}; early stopping on valid AUC, test scored once with the best epoch; "
+                 "std over seeds with ddof = 1")
     return BenchReport(title=title,
                        columns=["model", "test AUC", "logloss", "warm AUC", "cold AUC", "valid AUC", "dense params", "epochs"],
-                       rows=rows, results=results, config={"models": models, "quick": quick}, notes=notes)
+                       rows=rows, results=results, config={"models": models, "quick": quick, "protocol": protocol}, notes=notes)

@@ -25,12 +25,20 @@ class QualityParams(StrictModel):
     ml100k: Optional[Annotated[str, Field(min_length=1)]] = None
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1, max_length=64)  # quick runs seed 0 only
     workers: Annotated[int, Field(ge=1, le=64)] = 2  # single-threaded training processes (full runs)
+    # The training protocol of every run ([choice] defaults: the valid-only sweep of docs/models.md).
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 512
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 8       # quick runs 1
+    patience: Annotated[int, Field(ge=0, le=1000)] = 2
+    # a subset of the bench's models (empty: all); pairs whose two models both ran are bootstrapped
+    models: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=64)
 
-    @field_validator("seeds")
+    @field_validator("seeds", "models")
     @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
+    def _unique(cls, v: list, info: ValidationInfo) -> list:
         if len(set(v)) != len(v):
-            raise ValueError(f"seeds has duplicates: {v}")
+            raise ValueError(f"{info.field_name} has duplicates: {v}")
         return v
 
 
@@ -49,9 +57,20 @@ class ServeBenchParams(StrictModel):
     seconds: Annotated[float, Field(gt=0, le=3600)] = 15.0
 
 
+class LmnBenchParams(StrictModel):
+    """`lmn`: product-key memory reads in-process and through the memory shards, against a flat top-K."""
+
+    # slot counts N (squares of n_sub >= 32); empty: 16,384 / 262,144 / 1,048,576 (quick: 1,024 / 4,096 / 16,384)
+    slots: list[Annotated[int, Field(ge=1024, le=1 << 24)]] = Field(default_factory=list, max_length=8)
+    queries: Annotated[int, Field(ge=1, le=1 << 16)] = 1024           # one batch of queries (quick: 256)
+    shards: Annotated[int, Field(ge=1, le=16)] = 2
+    threads: Annotated[int, Field(ge=1, le=256)] = 1                  # torch threads of the timed process
+
+
 # bench name -> its parameters model
 BENCH_PARAMS: dict[str, type[StrictModel]] = {
     "datagen": NoParams,
+    "lmn": LmnBenchParams,
     "models": NoParams,
     "ps": NoParams,
     "quality": QualityParams,
@@ -61,7 +80,7 @@ BENCH_PARAMS: dict[str, type[StrictModel]] = {
     "ugsep_quality": QualityParams,
     "w8a16": NoParams,
 }
-BenchParams = Union[QualityParams, TrainBenchParams, ServeBenchParams, NoParams]
+BenchParams = Union[QualityParams, TrainBenchParams, ServeBenchParams, LmnBenchParams, NoParams]
 
 
 class BenchSpec(StrictModel):
