@@ -116,14 +116,7 @@ def test_examples_present():
     assert {"prepare-ml100k.yaml", "prepare-synthetic.yaml", "pipeline-ml100k.yaml"} <= names
 
 
-@pytest.mark.slow
-def test_run_pipeline_example(env, ray_cluster, monkeypatch, capsys):
-    monkeypatch.setenv("RECMIX_SYNTHETIC_ROWS", "40000")
-    assert main(["run", "examples/pipeline-ml100k.yaml"]) == 0
-    out = capsys.readouterr().out
-    assert "stage 'prepare_ml100k'" in out and "stage 'prepare_synthetic'" in out
-    assert open_dataset(str(env / "ml100k")).rows("train") == 80_000
-    assert open_dataset(str(env / "synthetic-small")).rows("train") == 32_000
+# examples/pipeline-ml100k.yaml end to end: tests/integration/test_serve_pipeline.py
 
 
 def test_version_is_the_package_version(capsys):

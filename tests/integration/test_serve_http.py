@@ -168,6 +168,35 @@ def test_metrics_exported_with_component_serve(served):
     assert want <= names, sorted(seen)
 
 
+def test_w8a16_replica_serves_scores_close_to_the_float_model(served, tmp_path):
+    """`quant: w8a16` on a second app (same proxy, its own route): the replica swaps the per-token FFN weights
+    for int8 + fp16 scales at load. Tolerance 5e-3 on the probabilities: the scorer-level bound of
+    docs/serving.md on a model whose scores spread over (0, 1) (weights N(0, 0.3); measured <= 7e-4 there).
+    The scores must also differ from the float model's, or the switch was not applied."""
+    from ray import serve
+
+    from recmix.jobs.serve import deploy
+
+    url, _, spec = served
+    root = write_artifact(str(tmp_path / "q"), weight_std=0.3)
+    doc = spec.model_dump(mode="json")
+    qspec = ServeSpec.model_validate({**doc, "name": "ranker_w8a16", "quant": "w8a16", "artifact": {"uri": root},
+                                      "http": {**doc["http"], "route_prefix": "/q"}})
+    qurl = deploy(qspec, log=lambda s: None)
+    try:
+        assert requests.get(f"{qurl}/v1/model", timeout=10).json()["quant"] == "w8a16"
+        model = load_artifact(root)
+        diffs = []
+        for seed in range(3):
+            body = request_rows(40, seed=seed, user=seed)
+            r = post(qurl, body)
+            assert r.status_code == 200, r.text
+            diffs += [abs(a - b) for a, b in zip(r.json()["scores"], offline_scores(model, body))]
+        assert 1e-6 < max(diffs) < 5e-3, max(diffs)
+    finally:
+        serve.delete("ranker_w8a16")
+
+
 class Load:
     """Closed-loop HTTP clients in threads; every outcome recorded as (status or error name, model_version)."""
 

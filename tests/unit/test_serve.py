@@ -44,6 +44,31 @@ def test_spec_defaults_and_strictness():
     assert parse_spec({"kind": "serve", "artifact": {"uri": "s3://bucket/a"}}, "x").kind == "serve"
 
 
+def test_sample_and_lifetime_and_serve_as_a_pipeline_stage():
+    s = spec(sample={"dataset": "./d"}, lifetime="stop")
+    assert (s.sample.split, s.sample.requests, s.sample.candidates, s.lifetime.value) == ("test", 200, 50, "stop")
+    with pytest.raises(ValidationError, match="lifetime 'stop' removes the application after the sample requests"):
+        spec(lifetime="stop")
+    with pytest.raises(ValidationError, match="sample.candidates 2000 exceeds limits.max_candidates 1024"):
+        spec(sample={"dataset": "./d", "candidates": 2000})
+    with pytest.raises(ValidationError, match="split"):
+        spec(sample={"dataset": "./d", "split": "dev"})
+    p = parse_spec({"kind": "pipeline", "stages": [{"name": "s", "spec": {"kind": "serve", "artifact": {"uri": "a"}}}]},
+                   "x")
+    assert p.stages[0].spec.kind == "serve"
+
+
+def test_pipeline_headlines():
+    from recmix.jobs.pipeline import headline
+
+    assert headline({"test": {"auc": 0.71234}, "valid": {}}) == "test AUC 0.7123"
+    sample = {"ok": 9, "requests": 10, "candidates": 5, "p50_ms": 3.21, "p99_ms": 9.9, "max_abs_diff": 2e-7,
+              "agree": True, "tolerance": 1e-5}
+    assert headline({"sample": sample}) == ("9/10 sample requests x 5 candidates: p50 3.2 ms, p99 9.9 ms; served vs "
+                                            "offline max |diff| 2.00e-07 (within 1e-05)")
+    assert headline({"rows": 3}) == "" and headline(None) == ""
+
+
 def test_serve_config_passes_serves_schema():
     from ray.serve.schema import ServeDeploySchema
 
@@ -115,6 +140,29 @@ def test_vectorized_columns_equal_the_value_by_value_reading():
             fast, slow = [0], [0]
             a, b = _column(f, values, "candidates", fast), _column_checked(f, values, "candidates", slow)
             assert a.dtype == b.dtype and torch.equal(a, b) and fast == slow, (f.name, values)
+
+
+def test_aligned_sequence_attributes_are_checked_and_compacted_together():
+    """ml-100k's hist_items carries aligned attributes (hist_ratings, hist_gaps: one value per position). A
+    request whose lists disagree in length is a 422 naming both; an unknown item id drops its position in all
+    three lists, so the model still sees aligned sequences."""
+    from recmix.jobs.prepare.builtin import builtin_schema
+
+    schema = builtin_schema(n_users=10, n_items=20, history_len=5)
+    assert schema.feature("hist_items").tokens.attributes == ["hist_ratings", "hist_gaps"]
+    codec = FeatureCodec(schema)
+    user = {"user_id": 1, "age_bucket": 2, "gender": 0, "occupation": 3, "zip_prefix": 77, "hour": 5, "weekday": 1,
+            "hist_items": [4, 99, 6], "hist_ratings": [5, 3, 1], "hist_gaps": [1, 2, 3]}
+    cands = [{"item_id": 4, "genres": [1], "year_bucket": 3}]
+    enc = codec.encode(RankRequest.model_validate({"user": user, "candidates": cands}))
+    assert enc.request["hist_items"].tolist() == [[4, 6, -1, -1, -1]]       # 99 > vocab 21: unknown
+    assert enc.request["hist_ratings"].tolist() == [[5, 1, -1, -1, -1]]
+    assert enc.request["hist_gaps"].tolist() == [[1, 3, -1, -1, -1]]
+    assert enc.unknown_ids == 1
+    with pytest.raises(RequestError, match="user: feature 'hist_ratings' has 2 ids, 'hist_items' has 3"):
+        codec.encode(RankRequest.model_validate({"user": {**user, "hist_ratings": [5, 3]}, "candidates": cands}))
+    with pytest.raises(RequestError, match="user: feature 'hist_gaps' .* takes integer ids"):
+        codec.encode(RankRequest.model_validate({"user": {**user, "hist_gaps": [1, 2.5, 3]}, "candidates": cands}))
 
 
 @pytest.mark.parametrize("mutate, msg", [

@@ -2,7 +2,9 @@
 
 `recmix run serve.yaml` on the embedded cluster serves until Ctrl-C, then deletes the application and stops
 the cluster; with `--address` (or `cluster.address` other than local) it deploys onto that cluster and returns.
-The artifact is checked before Ray starts, so a wrong URI or version is one line, exit 2.
+With a `sample:` section, sample requests check the deployed application first (latency, served vs offline
+scores); `lifetime: stop` then removes it (a pipeline's last stage). The artifact is checked before Ray
+starts, so a wrong URI or version is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Callable, Optional
 
 from recmix.platform import storage
 from recmix.platform.specs.cluster import ClusterConfig
-from recmix.platform.specs.serve import ServeSpec
+from recmix.platform.specs.serve import Lifetime, ServeSpec
 
 from .config import with_absolute_artifact
 
@@ -51,30 +53,46 @@ def deploy(spec: ServeSpec, log: Callable[[str], None] = print) -> str:
 
 def run(spec: ServeSpec, cluster: Optional[ClusterConfig] = None, *,
         log: Callable[[str], None] = lambda s: print(s, flush=True), wait: Callable[[], None] = None) -> dict:
+    from ray import serve
+
     from recmix.platform import cluster as ray_cluster
 
     cfg = cluster or spec.cluster
     spec = with_absolute_artifact(spec)
     uri = artifact_uri(spec)
     log(f"[serve] model {uri}")
-    if cfg.address != "local":
-        ray_cluster.connect(cfg, echo=log)
+    local = cfg.address == "local"
+    with ray_cluster.cluster(cfg, echo=log):   # inside a pipeline: its cluster, left running
         url = deploy(spec, log)
-        log(f"[serve] deployed onto {cfg.address}; remove it with `serve shutdown` or serve.delete('{spec.name}')")
-        return {"url": url, "artifact": uri, "app": spec.name}
-    with ray_cluster.cluster(cfg, echo=log):
-        from ray import serve
-
-        url = deploy(spec, log)
+        out = {"url": url, "artifact": uri, "app": spec.name}
         try:
-            log("[serve] serving until Ctrl-C")
-            (wait or _forever)()
+            if spec.sample is not None:
+                from . import sample
+
+                out["sample"] = sample.run(spec, _client_url(spec, url), uri, log)
+            if spec.lifetime is Lifetime.stop:
+                log(f"[serve] lifetime stop: removing '{spec.name}'")
+            elif not local:
+                log(f"[serve] deployed onto {cfg.address}; remove it with `serve shutdown` or "
+                    f"serve.delete('{spec.name}')")
+                return out
+            else:
+                log("[serve] serving until Ctrl-C")
+                (wait or _forever)()
         except KeyboardInterrupt:   # the way to stop a server: a clean stop, exit 0
             log("[serve] Ctrl-C: stopping")
         finally:
-            serve.shutdown()
-            log("[serve] stopped")
-    return {"url": url, "artifact": uri, "app": spec.name}
+            if local or spec.lifetime is Lifetime.stop:
+                # an embedded cluster's Serve goes with it; on a joined cluster only this application
+                serve.shutdown() if local else serve.delete(spec.name)
+                log("[serve] stopped")
+    return out
+
+
+def _client_url(spec: ServeSpec, url: str) -> str:
+    """The URL a client on this machine uses (a wildcard bind address is not one to connect to)."""
+    host = spec.http.host
+    return url.replace(f"//{host}:", "//127.0.0.1:", 1) if host in ("0.0.0.0", "::") else url
 
 
 def _forever() -> None:

@@ -84,6 +84,8 @@ class FeatureCodec:
         self._user_id = next((f.name for f in self.request_features
                               if f.role is FeatureRole.user and f.type is FeatureType.categorical), None)
         self._cand_keys = {f.name for f in self.candidate_features}
+        self._request_units = _units(self.request_features)
+        self._candidate_units = _units(self.candidate_features)
 
     def describe(self) -> dict:
         def one(f: Feature) -> dict:
@@ -101,14 +103,13 @@ class FeatureCodec:
     def encode(self, req: RankRequest) -> Encoded:
         self._check_names(req.user, self.request_features, self.candidate_features, "user", "candidates[i]")
         unknown = [0]
-        request = {f.name: _column(f, [req.user[f.name]], "user", unknown) for f in self.request_features}
+        request = _encode(self._request_units, lambda n: [req.user[n]], "user", unknown)
         rows = req.candidates
         # One C-level pass over the rows' key sets; the per-row check only runs to name the bad row.
         if not all(map(operator.eq, itertools.repeat(self._cand_keys), map(dict.keys, rows))):
             for i, row in enumerate(rows):
                 self._check_names(row, self.candidate_features, self.request_features, f"candidates[{i}]", "user")
-        cands = {f.name: _column(f, list(map(operator.itemgetter(f.name), rows)), "candidates", unknown)
-                 for f in self.candidate_features}
+        cands = _encode(self._candidate_units, lambda n: list(map(operator.itemgetter(n), rows)), "candidates", unknown)
         uid = req.user.get(self._user_id) if self._user_id else None
         return Encoded(request, cands, len(rows), unknown[0], uid if isinstance(uid, int) else None)
 
@@ -146,22 +147,72 @@ def _column(f: Feature, values: list, where: str, unknown: list[int]) -> torch.T
             return _column_checked(f, values, where, unknown)
         arr = arr.astype(np.float32)
         return torch.from_numpy(arr.reshape(n) if f.dim == 1 else arr.reshape(n, f.dim))
-    # sequence / multi_categorical: lists of ids, padded with -1 to max_len
+    return _lists([f], [values], where, unknown)[f.name]
+
+
+def _units(features: list[Feature]) -> list[list[Feature]]:
+    """Encoding units in schema order: a sequence with its aligned attributes (tokens.attributes: one value
+    per position, so they are checked and compacted together), every other feature alone."""
+    by_name = {f.name: f for f in features}
+    attrs = {a for f in features if f.tokens is not None for a in f.tokens.attributes if a in by_name}
+    return [[f, *(by_name[a] for a in (f.tokens.attributes if f.tokens is not None else ()) if a in by_name)]
+            for f in features if f.name not in attrs]
+
+
+def _encode(units: list[list[Feature]], column, where: str, unknown: list[int]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for unit in units:
+        if len(unit) == 1:
+            out[unit[0].name] = _column(unit[0], column(unit[0].name), where, unknown)
+        else:
+            out.update(_lists(unit, [column(f.name) for f in unit], where, unknown))
+    return out
+
+
+def _lists(fs: list[Feature], columns: list[list], where: str, unknown: list[int]) -> dict[str, torch.Tensor]:
+    """List features (ids padded with -1 to max_len) of n rows; fs[1:] are aligned with fs[0]. An unknown id
+    (outside a vocabulary) is dropped like padding, with the position in every aligned list: the row's
+    remaining positions close up."""
+    n = len(columns[0])
+    flats, lens = [], []
+    for f, values in zip(fs, columns):
+        parsed = _flat_ids(f, values)
+        if parsed is None:
+            _column_checked(f, values, where, [0])   # names the bad value
+            raise AssertionError(f"{f.name}: the checked reading accepted what the vectorized one refused")
+        flats.append(parsed[0])
+        lens.append(parsed[1])
+    for f, ln in zip(fs[1:], lens[1:]):
+        if not np.array_equal(ln, lens[0]):
+            r = int(np.flatnonzero(ln != lens[0])[0])
+            at = f"{where}[{r}]" if where == "candidates" else where
+            raise RequestError(f"{at}: feature '{f.name}' has {int(ln[r])} ids, '{fs[0].name}' has {int(lens[0][r])} "
+                               f"(an aligned attribute takes one value per position)")
+    keep = np.ones(flats[0].size, dtype=bool)
+    for f, flat in zip(fs, flats):
+        if f.vocab_size:
+            known = (flat >= 0) & (flat < f.vocab_size)
+            unknown[0] += int(flat.size - known.sum())
+            keep &= known
+    row = np.repeat(np.arange(n), lens[0])[keep]
+    slots = np.arange(int(fs[0].max_len)) < np.bincount(row, minlength=n)[:, None]
+    out = {}
+    for f, flat in zip(fs, flats):
+        padded = np.full((n, int(f.max_len)), -1, dtype=np.int64)
+        padded[slots] = flat[keep]    # row-major: each row's ids in order
+        out[f.name] = torch.from_numpy(padded)
+    return out
+
+
+def _flat_ids(f: Feature, values: list) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(every row's ids concatenated, ids per row), or None for a value the checked reading must name."""
     if not all(map(isinstance, values, itertools.repeat(list))):
-        return _column_checked(f, values, where, unknown)
+        return None
     lens = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
     flat = _int_array(list(itertools.chain.from_iterable(values)))
     if flat is None or flat.ndim != 1 or int(lens.max()) > f.max_len:
-        return _column_checked(f, values, where, unknown)
-    row = np.repeat(np.arange(len(values)), lens)
-    if f.vocab_size:   # unknown ids are dropped like padding: the row's known ids close up
-        keep = (flat >= 0) & (flat < f.vocab_size)
-        unknown[0] += int(flat.size - keep.sum())
-        flat, row = flat[keep], row[keep]
-    kept = np.bincount(row, minlength=len(values))
-    out = np.full((len(values), int(f.max_len)), -1, dtype=np.int64)
-    out[np.arange(int(f.max_len)) < kept[:, None]] = flat   # row-major: each row's ids in order
-    return torch.from_numpy(out)
+        return None
+    return flat, lens
 
 
 def _int_array(values: list) -> Optional[np.ndarray]:

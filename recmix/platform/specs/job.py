@@ -15,7 +15,7 @@ from .serve import ServeSpec
 from .train import TrainSpec
 
 
-StageSpec = Annotated[Union[PrepareSpec, BenchSpec, TrainSpec], Field(discriminator="kind")]
+StageSpec = Annotated[Union[PrepareSpec, BenchSpec, TrainSpec, ServeSpec], Field(discriminator="kind")]
 
 
 class Stage(StrictModel):

@@ -90,6 +90,29 @@ class HttpConfig(StrictModel):
         return v
 
 
+class SampleConfig(StrictModel):
+    """Sample requests sent once the application is up (a pipeline's check that serving works): rows of a
+    prepared dataset's split, each request one row's user with the items of `candidates` consecutive rows,
+    from `clients` closed-loop clients over HTTP. Reported: p50/p99 latency and the largest difference between
+    served scores and `load_artifact`'s offline scores of the same rows."""
+
+    dataset: Uri
+    split: Literal["train", "valid", "test"] = "test"
+    requests: Annotated[int, Field(ge=1, le=100_000)] = 200
+    candidates: Annotated[int, Field(ge=1, le=100_000)] = 50
+    clients: Annotated[int, Field(ge=1, le=64)] = 2
+
+    @field_validator("dataset")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)
+
+
+class Lifetime(str, Enum):
+    serve = "serve"   # keep serving: until Ctrl-C on the embedded cluster; left deployed on a joined cluster
+    stop = "stop"     # remove the application once the sample requests are done
+
+
 class ServeSpec(StrictModel):
     kind: Literal["serve"]
     name: Name = "ranker"                     # the Serve application's name
@@ -104,6 +127,8 @@ class ServeSpec(StrictModel):
     http: HttpConfig = HttpConfig()
     # torch intra-op threads per replica; None keeps torch's default.
     threads: Optional[Annotated[int, Field(gt=0, le=1024)]] = 1
+    sample: Optional[SampleConfig] = None
+    lifetime: Lifetime = Lifetime.serve
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
@@ -112,4 +137,9 @@ class ServeSpec(StrictModel):
         if self.batching.max_batch_size > self.replicas.max_ongoing_requests:
             raise ValueError(f"batching.max_batch_size {self.batching.max_batch_size} exceeds "
                              f"replicas.max_ongoing_requests {self.replicas.max_ongoing_requests}")
+        if self.sample is not None and self.sample.candidates > self.limits.max_candidates:
+            raise ValueError(f"sample.candidates {self.sample.candidates} exceeds limits.max_candidates "
+                             f"{self.limits.max_candidates}")
+        if self.lifetime is Lifetime.stop and self.sample is None:
+            raise ValueError("lifetime 'stop' removes the application after the sample requests: add a sample section")
         return self
