@@ -204,3 +204,20 @@ def test_ugsep_split_scoring_equals_forward_with_sequence_tokens():
         moved = model.score(UserState.cat(states), other, torch.arange(7)).logits_BK
     torch.testing.assert_close(split, full)
     assert not torch.allclose(moved, full)
+
+
+def test_train_dropout_zeroes_whole_rows_in_training_only():
+    from recmix.models.embedding import FeatureEncoder
+
+    s = schema(None, user_id={"train_dropout": 0.5})
+    lookup = LocalEmbeddingLookup(tables_from_schema(s), init_std=0.5)
+    enc = FeatureEncoder(s, lookup)
+    b = batch(s, 400)
+    torch.manual_seed(0)
+    u = enc.train()(b)["user_id"]
+    zero = (u == 0).all(1)
+    assert 0.4 < zero.float().mean() < 0.6 and ((u != 0).all(1) | zero).all()   # whole rows, the rest untouched
+    torch.testing.assert_close(u[~zero], lookup.lookup("user_id", b["user_id"])[~zero])
+    torch.testing.assert_close(enc.eval()(b)["user_id"], lookup.lookup("user_id", b["user_id"]))
+    with pytest.raises(ValidationError, match="label feature 'label' takes no train_dropout"):
+        schema(None, label={"train_dropout": 0.1})
