@@ -12,7 +12,8 @@ of the same path, not a result).
 Parameters (`QualityParams`, `recmix bench quality --set key=value`): `dataset` (a prepared dataset URI, default
 `${RECMIX_ARTIFACTS:-./artifacts}/ml100k`), prepared from the raw MovieLens-100K folder `ml100k` (default: the
 `RECMIX_ML100K` environment variable) when it has no manifest; point `dataset` at a synthetic dataset with the
-same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`, `models` (a subset), and
+same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`, `models` (a subset; the
+optional `tokenmixer_large_lmn` runs only when named), and
 the protocol: `lr`, `weight_decay`, `batch_size`, `epochs`, `patience` (defaults: the valid-only sweep of
 docs/models.md).
 """
@@ -43,6 +44,12 @@ MODELS: dict[str, dict] = {
 }
 PAIRS = [("tokenmixer_large", "rankmixer"), ("rankmixer", "dlrm_mlp"), ("tokenmixer_large_moe_1_2", "tokenmixer_large"),
          ("tokenmixer_large_ugsep_1_1", "tokenmixer_large")]
+# Run only when named in `models` (--set models=tokenmixer_large,tokenmixer_large_lmn): TokenMixer-Large with the
+# LMN memory read-out (docs/lmn.md), a 4,096-slot memory for ml-100k's 1,682 items.
+OPTIONAL: dict[str, dict] = {
+    "tokenmixer_large_lmn": {**_TML, "memory": dict(n_sub=64, d_key=32, d_value=16, k_axis=8, top_k=8)},
+}
+OPTIONAL_PAIRS = [("tokenmixer_large_lmn", "tokenmixer_large")]
 
 
 def dataset_uri(params: QualityParams) -> str:
@@ -91,7 +98,8 @@ def _one(args) -> dict:
 
 
 def run(quick: bool, params: QualityParams) -> BenchReport:
-    return compare(MODELS, PAIRS, quick, params, "quality: test split, mean ± std over seeds")
+    models = MODELS | {n: m for n, m in OPTIONAL.items() if n in params.models}
+    return compare(models, PAIRS + OPTIONAL_PAIRS, quick, params, "quality: test split, mean ± std over seeds")
 
 
 def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, params: QualityParams, title: str) -> BenchReport:
