@@ -105,7 +105,8 @@ class PSEmbeddingLookup(EmbeddingLookup):
             self.wait()
             p = self.client.pull_unique({table: ids.detach().reshape(-1).cpu().numpy()}, copy=False)[table]
             key = (p.ids, np.array(p.admitted))
-            rows_UE = torch.from_numpy(np.array(p.values)).to(self.device)
+            # a view of the transfer buffer (one shard) is copied; a reassembled array is already ours
+            rows_UE = torch.from_numpy(p.values if p.values.base is None else np.array(p.values)).to(self.device)
             inv_N = torch.from_numpy(p.inverse.reshape(-1).astype(np.int64)).to(self.device)
         anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
         out = _Lookup.apply(anchor, rows_UE, inv_N, self, table, key)

@@ -97,7 +97,7 @@ class _Slab:
     def __init__(self, path: str, n: int, dim: int, s: int):
         self.path, self.n = path, n
         size = HEADER + 4 * n * (dim + s)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)     # owner-only, never a symlink
         try:
             self.reopened = os.fstat(fd).st_size == size
             if not self.reopened:

@@ -152,3 +152,14 @@ def test_ray_train_shares_the_memory_group_and_the_artifact_carries_it(ray_clust
     assert abs(res["auc"] - summary["test"]["auc"]) < 1e-6, (res, summary["test"])
     cks = sorted((out / "checkpoints" / "train").glob("checkpoint-*"))
     assert cks and all((c / "ps" / "memory" / "snapshot.json").exists() for c in cks)
+
+
+def test_bench_lmn_runs_on_small_shapes(ray_cluster):
+    from recmix.jobs.bench import lmn
+    from recmix.platform.specs.bench import LmnBenchParams
+
+    rep = lmn.run(True, LmnBenchParams(slots=[1024, 4096], queries=16))
+    assert [r[0] for r in rep.rows] == [1024, 4096]
+    r = rep.results
+    assert r["n4096"]["flat_ms"] > 0 and r["footprint"]["n"] == 4096 and r["footprint"]["values_mb"] == 1.0
+    assert set(r) >= {"flat_over_pk_at_max", "pk_growth", "sharded_over_local_max"}

@@ -28,6 +28,12 @@ def _datagen(quick: bool, params: Any) -> BenchReport:
     return datagen.run(quick)
 
 
+def _lmn(quick: bool, params: Any) -> BenchReport:
+    from . import lmn
+
+    return lmn.run(quick, params)
+
+
 def _models(quick: bool, params: Any) -> BenchReport:
     from . import models
 
@@ -78,6 +84,7 @@ def _w8a16(quick: bool, params: Any) -> BenchReport:
 
 BENCHES: dict[str, Bench] = {
     "datagen": Bench("synthetic prepare throughput and memory vs a plain-pyarrow baseline", _datagen),
+    "lmn": Bench("LMN memory reads: product keys in-process and via the memory shards vs a flat top-K over N slots", _lmn),
     "models": Bench("CPU fwd+bwd throughput at matched parameters; S-P MoE FFN sparse/dense time", _models),
     "ps": Bench("embedding parameter server vs in-process baselines (pull/push, cold tier, scaling)", _ps),
     "quality": Bench("test AUC of DLRM-MLP, RankMixer, TokenMixer-Large (dense, MoE) per seed on one dataset", _quality),
