@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import TypeAdapter
 
-from recmix.models.lmn import composite_keys, flat_topk, product_key_topk
+from recmix.models.build import build_model
+from recmix.models.embedding import LocalEmbeddingLookup, tables_from_schema
+from recmix.models.lmn import VALUE_TABLE, MemoryReadout, composite_keys, flat_topk, memory_tables, product_key_topk
+from recmix.models.toy import toy_batch, toy_schema
+from recmix.platform.specs.memory import MemoryConfig
+from recmix.platform.specs.model import ModelConfig
 
 
 @pytest.mark.parametrize("n_sub,k_axis,top_k", [(8, 4, 4), (16, 8, 5), (7, 7, 49), (5, 3, 9)])
@@ -44,10 +50,6 @@ def test_product_keys_batch_over_heads():
 
 # ---- the layer on the toy schema (history group user-side; no side sequence there) ------------------
 
-from recmix.models.embedding import LocalEmbeddingLookup, tables_from_schema  # noqa: E402
-from recmix.models.lmn import VALUE_TABLE, MemoryReadout, memory_tables  # noqa: E402
-from recmix.models.toy import toy_batch, toy_schema  # noqa: E402
-from recmix.platform.specs.memory import MemoryConfig  # noqa: E402
 
 TINY = dict(n_sub=6, d_key=8, d_value=4, k_axis=3, top_k=3, user_features=["user_id", "zip_prefix"], side_sequences=[])
 
@@ -165,10 +167,6 @@ def test_memory_config_errors():
 
 # ---- inside the models ---------------------------------------------------------------------------------
 
-from pydantic import TypeAdapter  # noqa: E402
-
-from recmix.models.build import build_model  # noqa: E402
-from recmix.platform.specs.model import ModelConfig  # noqa: E402
 
 MEM = dict(TINY, lambda_mem=0.5)
 
