@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
 from recmix.platform.specs.job import JOB_ADAPTER
 
+from tests.integration.test_train_ray import assert_same_predictions
 from tests.unit.test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
 
 # The tables are the dataset schema's (hist_items shares item_id's); only an override is written here.
@@ -68,7 +70,51 @@ def test_ray_train_two_workers_share_one_shard_group_and_publish_the_rows(ray_cl
     assert not any(isinstance(m, torch.nn.Embedding) for m in model.modules())   # rows come from the snapshot
     res = score(str(out / "artifact"), str(tiny_dataset), echo=lambda line: None)
     assert abs(res["auc"] - summary["test"]["auc"]) < 1e-6, (res, summary["test"])
+    assert_same_predictions(str(out / "artifact"), str(tiny_dataset), out)
     # every checkpoint carries the shards' snapshot tied to it; the driver destroyed the group at the end
     cks = sorted((out / "checkpoints" / "train").glob("checkpoint-*"))
     assert cks and all((c / "ps" / "snapshot.json").exists() for c in cks)
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "trainps" in str(a)]
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_on_a_global_batch_make_the_sparse_update_of_one(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
+    """Per epoch one step on the whole train split (so Ray Data's unseeded shuffle changes nothing), 2 epochs,
+    SGD rows: the rows 2 Ray Train workers leave in the shards (each pushing its half's gradient x 1/2) equal
+    the rows of the same loop run by 1 worker, to 1e-5. The dense lr is tiny: AdamW's first step is about
+    lr x sign(g), so float noise on a near-zero dense gradient would move a weight by a whole lr."""
+    import pyarrow.fs as pafs
+
+    from recmix.actors.rows import init_values
+    from recmix.jobs.train import run, train
+    from recmix.models.artifact import _snapshot_rows
+    from recmix.platform.dataset import open_dataset
+
+    n = open_dataset(str(tiny_dataset)).rows("train")
+    assert n % 2 == 0     # equal halves: DDP's average of 2 half-batch means is the global mean
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        s = spec(tiny_dataset, out, optimizer={"kind": "sgd", "lr": 10.0}).model_dump(mode="json", exclude_unset=True)
+        s.update(epochs=2, batch_size=n, optimizer=dict(name="adamw", lr=1e-7), early_stopping=dict(patience=5))
+        if workers == 1:   # the same loop in this process (one rank, no Ray Train)
+            res = train(JOB_ADAPTER.validate_python(s), log=lambda line: None)
+            assert res.steps == 2
+            runs[1] = (res.best_epoch, _snapshot_rows(pafs.LocalFileSystem(), str(out / "embeddings"))[1])
+        else:
+            s.update(scaling={"workers": 2})   # sparse.mode pass (the default): one pass per step here
+            summary = run(JOB_ADAPTER.validate_python(s), log=lambda line: None)
+            assert summary["world_size"] == 2 and summary["steps"] == 2
+            runs[2] = (summary["best_epoch"], _snapshot_rows(pafs.LocalFileSystem(), summary["embeddings"])[1])
+    assert runs[1][0] == runs[2][0]
+    one, two = runs[1][1], runs[2][1]
+    assert set(one) == set(two)
+    for table in one:
+        (ids1, v1), (ids2, v2) = one[table], two[table]
+        o1, o2 = np.argsort(ids1), np.argsort(ids2)
+        assert np.array_equal(ids1[o1], ids2[o2]), table
+        assert np.abs(v1[o1] - v2[o2]).max() <= 1e-5, (table, np.abs(v1[o1] - v2[o2]).max())
+    # and the update was not nothing: the trained item rows left their deterministic initial values
+    cfg = JOB_ADAPTER.validate_python(spec(tiny_dataset, tmp_path)).embedding
+    ids, v = one["item_id"]
+    assert np.abs(v - init_values(cfg.initializer, cfg.seed, "item_id", ids, v.shape[1])).max() > 1e-3

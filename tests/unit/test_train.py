@@ -197,7 +197,7 @@ def test_metrics_json_keeps_secret_interpolations_out(tmp_path, monkeypatch):
     assert secret in spec.output  # the run itself gets the value
     res = SimpleNamespace(best_state={}, metrics=lambda: {"test_auc": 0.5}, history=[], best_epoch=1, epochs_run=1,
                           steps=1, resumed_from_step=0, world_size=1, wall_s=0.0, train_samples_per_s=0.0, valid={},
-                          test={}, artifact=None)
+                          test={}, artifact=None, test_probs=np.zeros((3, 1)))
     _write_outputs(spec, res, print)
     written = "".join(p.read_text(errors="replace") for p in (tmp_path / f"out-{secret}").glob("*.json"))
     assert "test_auc" in written and "${RECMIX_TEST_OUTPUT_TOKEN}" in written and secret not in written

@@ -1,7 +1,8 @@
 """`kind: train`: Ray Train workers (DDP, gloo on CPU / NCCL on GPU) fed by Ray Data; checkpoints, resume, artifact.
 
 Outputs under `spec.output`: `metrics.json` (valid/test AUC + logloss, warm/cold-user test AUC, history,
-parameter/FLOP counts), `report.json` (per-epoch curves, throughput, world size, resume step), `model.pt`
+parameter/FLOP counts), `report.json` (per-epoch curves, throughput, world size, resume step),
+`test_predictions.npy` (the test rows' probabilities, the ones the test metrics were computed from), `model.pt`
 (the best epoch's state_dict, `torch.load(weights_only=True)`), `checkpoints/<name>/` (Ray Train's run
 folder) and `artifact/<version>/` + `artifact/LATEST` (recmix.models.artifact). A rerun of the same spec
 resumes the interrupted run from its latest checkpoint, refuses a completed one, and `restart=True`
@@ -40,6 +41,7 @@ from .loop import ArrayFeed, FitResult, LocalContext, fit, make_optimizer, train
 from .progress import Progress, TrainGauges
 
 COMPLETE = "_recmix_complete.json"   # written into the run folder once the artifact is published
+PREDICTIONS = "test_predictions.npy"  # (N_test, K) float32 probabilities of the best epoch, in the test split's row order
 
 
 def load_splits(spec: TrainSpec):
@@ -119,7 +121,10 @@ def _write_outputs(spec: TrainSpec, res: TrainResult, log) -> None:
               "train_samples_per_s": res.train_samples_per_s, "valid": res.valid, "test": res.test,
               "artifact": res.artifact}
     storage.write_bytes_atomic(fs, storage.join(root, "report.json"), json.dumps(report, indent=2, default=float).encode())
-    log(f"[train] wrote {spec.output}/metrics.json, report.json and model.pt")
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(res.test_probs, np.float32), allow_pickle=False)
+    storage.write_bytes_atomic(fs, storage.join(root, PREDICTIONS), buf.getvalue())
+    log(f"[train] wrote {spec.output}/metrics.json, report.json, {PREDICTIONS} and model.pt")
 
 
 # --- the Ray Train run ------------------------------------------------------------------------------------
