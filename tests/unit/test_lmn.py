@@ -14,6 +14,15 @@ from recmix.platform.specs.memory import MemoryConfig
 from recmix.platform.specs.model import ModelConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and on a busy 2-core machine many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n_sub,k_axis,top_k", [(8, 4, 4), (16, 8, 5), (7, 7, 49), (5, 3, 9)])
 def test_product_keys_equal_brute_force(n_sub, k_axis, top_k):
     g = torch.Generator().manual_seed(n_sub * 100 + top_k)
