@@ -197,3 +197,39 @@ def test_optimizer_matches_torch_path():
     wt, st = optim.apply(cfg.optimizer, *(torch.from_numpy(x) for x in (w, s, g)))
     np.testing.assert_allclose(wt.numpy(), wn, rtol=1e-6)
     np.testing.assert_allclose(st.numpy(), sn, rtol=1e-6)
+
+
+def test_device_arrays_match_the_host_path_and_flush_to_the_files():
+    # The GPU branch (num_gpus > 0: torch arrays on the device, written back at pass end) run on a CPU device.
+    cfg = MemoryShardConfig(shards=1)
+    lay = memory_layout(cfg, tables())
+    host = MemoryCore(cfg, lay, 0, slab_root(cfg))
+    root = slab_root(cfg)
+    dev = MemoryCore(cfg, lay, 0, root)
+    dev.device = torch.device("cpu")
+    dev._load_device()
+    rng = np.random.default_rng(3)
+    try:
+        for _ in range(2):
+            ids = rng.integers(0, N, 50).astype(np.int64)
+            g = rng.normal(size=(50, E)).astype(np.float32)
+            assert host.push({T: (ids, g)}) == dev.push({T: (ids, g)})
+        all_ids = np.arange(N, dtype=np.int64)
+        out = np.empty((N, E), np.float32)
+        got = dev.pull({T: all_ids}, with_state=True, out={T: out})[T]
+        want = host.pull({T: all_ids}, with_state=True)[T]
+        assert got[0] is out
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-7)   # float32 torch vs numpy kernels
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
+        assert not np.allclose(dev.slabs[T].values, got[0])       # the files lag until the pass ends
+        dev.end_pass()
+        again = MemoryCore(cfg, lay, 0, root)
+        np.testing.assert_array_equal(again.pull({T: all_ids})[T][0], got[0])
+        ids, rows = dev.dump(T)
+        dev.clear(0)
+        dev.load(T, ids, rows)
+        np.testing.assert_array_equal(dev.pull({T: all_ids})[T][0], got[0])
+        again.release()
+    finally:
+        host.release()
+        dev.release()
