@@ -66,3 +66,45 @@ def offline_scores(model, body: dict) -> list[float]:
              "item_id": torch.tensor([c["item_id"] for c in body["candidates"]]), "genres": genres}
     with torch.no_grad():
         return torch.sigmoid(model(batch).logits_BK[:, 0]).tolist()
+
+
+def write_ps_artifact(root: str, version: str = "v1", seed: int = 0) -> str:
+    """An artifact as a parameter-server run publishes it: dense.pt without tables, `embeddings/` a snapshot
+    of rows (a few ids left out: they read zeros). Returns root."""
+    import numpy as np
+
+    from recmix.models.artifact import SnapshotLookup
+    from recmix.models.embedding import tables_from_schema
+
+    schema = toy_schema()
+    tables = tables_from_schema(schema)
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name, t in tables.items():
+        ids = np.arange(123456789, 123456789 + 60) if t.hashed else np.arange(t.n_ids)   # raw ids, as requested
+        ids = ids[rng.random(ids.size) > 0.1]
+        rows[name] = (ids.astype(np.int64), rng.normal(0, 0.5, (ids.size, t.dim)).astype(np.float32))
+    torch.manual_seed(seed)
+    m = build_model(TypeAdapter(ModelConfig).validate_python(MODEL), schema, SnapshotLookup(tables, rows))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.5)
+    d = os.path.join(root, version)
+    os.makedirs(os.path.join(d, "embeddings"), exist_ok=True)
+    torch.save(m.state_dict(), os.path.join(d, fmt.DENSE))
+    files = []
+    for name, (ids, vals) in rows.items():
+        rec = np.zeros(ids.size, dtype=[("v", np.float32, (vals.shape[1],))])
+        rec["v"] = vals
+        np.savez(os.path.join(d, "embeddings", f"{name}.npz"), ids=ids, rows=rec)
+        files.append({"table": name, "file": f"{name}.npz"})
+    with open(os.path.join(d, "embeddings", "manifest.json"), "w") as f:
+        json.dump({"files": files}, f)
+    doc = {"format": fmt.FORMAT, "version": version, "created_utc": "2026-01-01T00:00:00Z", "model": MODEL,
+           "features": schema.model_dump(mode="json"), "dense": fmt.DENSE, "embeddings": "embeddings",
+           "metrics": {"test": {"auc": 0.5}}}
+    with open(os.path.join(d, fmt.DOC), "w") as f:
+        json.dump(doc, f)
+    with open(os.path.join(root, fmt.LATEST), "w") as f:
+        f.write(version + "\n")
+    return root

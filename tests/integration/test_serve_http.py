@@ -197,6 +197,34 @@ def test_w8a16_replica_serves_scores_close_to_the_float_model(served, tmp_path):
         serve.delete("ranker_w8a16")
 
 
+def test_shard_group_replica_serves_offline_scores(served, tmp_path):
+    """`embeddings.mode: shard_group` on a parameter-server artifact: the replica reads its rows through
+    ServingShard actors; served scores equal load_artifact's, and /v1/model shows the hot cache working."""
+    from ray import serve
+
+    from recmix.jobs.serve import deploy
+    from tests.serve_fixture import write_ps_artifact
+
+    url, _, spec = served
+    root = write_ps_artifact(str(tmp_path / "ps"))
+    doc = spec.model_dump(mode="json")
+    sspec = ServeSpec.model_validate({**doc, "name": "ranker_shards", "artifact": {"uri": root},
+                                      "embeddings": {"mode": "shard_group", "shards": 2, "hot_rows": 1024},
+                                      "http": {**doc["http"], "route_prefix": "/s"}})
+    surl = deploy(sspec, log=lambda s: None)
+    try:
+        model = load_artifact(root)
+        for seed in range(2):
+            body = request_rows(16, seed=seed, user=seed)
+            r = post(surl, body)
+            assert r.status_code == 200, r.text
+            assert max(abs(a - b) for a, b in zip(r.json()["scores"], offline_scores(model, body))) < 1e-5
+        emb = requests.get(f"{surl}/v1/model", timeout=10).json()["embeddings"]
+        assert emb["mode"] == "shard_group" and emb["hot_cache"]["misses"] > 0 and emb["hot_cache"]["hits"] > 0
+    finally:
+        serve.delete("ranker_shards")
+
+
 class Load:
     """Closed-loop HTTP clients in threads; every outcome recorded as (status or error name, model_version)."""
 

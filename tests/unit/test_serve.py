@@ -292,6 +292,22 @@ def test_run_refuses_a_missing_artifact_before_ray_starts(tmp_path, capsys):
         assert len(err) == 1 and want in err[0], err
 
 
+def test_shard_group_needs_an_embedding_snapshot_before_ray_starts(tmp_path, capsys):
+    import yaml
+
+    from recmix.jobs.cli import main
+
+    write_artifact(str(tmp_path / "art"))
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"kind": "serve", "artifact": {"uri": str(tmp_path / "art")},
+                                    "embeddings": {"mode": "shard_group"}}))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard_group needs an artifact with an embedding snapshot" in err[0], err
+    with pytest.raises(ValidationError, match="shard"):
+        spec(embeddings={"mode": "shards"})
+
+
 @pytest.mark.parametrize("host, warns", [("127.0.0.1", False), ("0.0.0.0", True), ("10.1.2.3", True)])
 def test_serving_beyond_loopback_warns_with_address_and_auth(monkeypatch, host, warns):
     """Issue 14.8: a spec binding the ranking API beyond loopback is never silent (Serve itself is not started)."""

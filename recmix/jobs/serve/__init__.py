@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional
 
 from recmix.platform import storage
+from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.serve import Lifetime, ServeSpec
 
@@ -27,7 +28,10 @@ def artifact_uri(spec: ServeSpec) -> str:
     if spec.artifact.version != "LATEST":
         uri = storage.join(uri.rstrip("/"), spec.artifact.version)
     uri = resolve_version(uri, spec.storage)
-    read_doc(uri, spec.storage)
+    doc = read_doc(uri, spec.storage)
+    if spec.embeddings.mode.value == "shard_group" and not doc.get("embeddings"):
+        raise RecmixError(f"embeddings.mode: shard_group needs an artifact with an embedding snapshot (a "
+                          f"parameter-server run's); {uri} has none: use mode replica")
     return uri
 
 

@@ -93,7 +93,13 @@ class Ranker:
         self.uri = resolve_version(uri, self.spec.storage)
         # A replica with a GPU (replicas.gpus > 0; Ray sets CUDA_VISIBLE_DEVICES) scores on it.
         device = "cuda" if self.spec.replicas.gpus > 0 and torch.cuda.is_available() else "cpu"
-        model = load_artifact(self.uri, self.spec.storage, device=device)
+        emb = self.spec.embeddings
+        if emb.mode.value == "shard_group":
+            from .shards import load_with_shard_group
+
+            model = load_with_shard_group(self.uri, self.spec.storage, emb.shards, emb.hot_rows, emb.cpus, device)
+        else:
+            model = load_artifact(self.uri, self.spec.storage, device=device)
         doc = model.artifact
         if self.spec.quant.value == "w8a16":
             from recmix.models.quantize import quantize_model
@@ -148,8 +154,16 @@ class Ranker:
     async def model_info(self) -> dict:
         return {"version": self.scorer.version, "uri": self.uri, "arch": self.doc["model"].get("arch"),
                 "ugsep": self.scorer.ugsep, "quant": self.spec.quant.value, "metrics": self.doc.get("metrics"),
+                "embeddings": self._embeddings(),
                 "features": self.codec.describe(), "limits": self.spec.limits.model_dump(),
                 "created_utc": self.doc.get("created_utc")}
+
+    def _embeddings(self) -> dict:
+        lookup = self.scorer.model.encoder.lookup
+        out = {"mode": self.spec.embeddings.mode.value}
+        if hasattr(lookup, "hits"):    # a shard group: the replica's hot cache
+            out["hot_cache"] = {"hits": lookup.hits, "misses": lookup.misses}
+        return out
 
     # --- Python callers (DeploymentHandle) and the HTTP route ----------------------------------------------
 

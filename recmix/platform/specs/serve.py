@@ -70,6 +70,21 @@ class CacheConfig(StrictModel):
     ttl_s: Annotated[float, Field(gt=0, le=86_400 * 7)] = 300.0
 
 
+class EmbeddingMode(str, Enum):
+    replica = "replica"          # the artifact's tables (or its parameter-server snapshot) inside each replica
+    shard_group = "shard_group"  # the snapshot in read-only ServingShard actors, a hot cache in the replica
+
+
+class EmbeddingServing(StrictModel):
+    """Where a replica's embedding rows live. `shard_group` needs an artifact with an embedding snapshot (a
+    parameter-server run's): `shards` actors of `cpus` each, `hot_rows` cache slots per table in the replica."""
+
+    mode: EmbeddingMode = EmbeddingMode.replica
+    shards: Annotated[int, Field(ge=1, le=1024)] = 2
+    hot_rows: Annotated[int, Field(ge=0, le=100_000_000)] = 100_000
+    cpus: Annotated[float, Field(ge=0, le=64)] = 0.0
+
+
 class LimitsConfig(StrictModel):
     max_candidates: Annotated[int, Field(ge=1, le=100_000)] = 1024
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 4 << 20
@@ -123,6 +138,7 @@ class ServeSpec(StrictModel):
     quant: Quant = Quant.off
     w8a16: W8A16Config = W8A16Config()        # options when quant is w8a16
     cache: CacheConfig = CacheConfig()
+    embeddings: EmbeddingServing = EmbeddingServing()
     limits: LimitsConfig = LimitsConfig()
     http: HttpConfig = HttpConfig()
     # torch intra-op threads per replica; None keeps torch's default.
