@@ -176,7 +176,7 @@ class MemoryReadout(nn.Module):
         valid_BS = ids_BS >= 0
         b_Q, s_Q = (valid_BS if self.cfg.mask_padding else torch.ones_like(valid_BS)).nonzero(as_tuple=True)
         e_b_QE = _rows(lookup, self.seq.table_name, ids_BS[b_Q, s_Q], int(self.seq.embedding_dim))
-        e_u_BU = torch.cat([self._user(f, batch, lookup) for f in self.users], -1) if self.users \
+        e_u_BU = torch.cat([self._user(f, batch, lookup, self.training) for f in self.users], -1) if self.users \
             else e_b_QE.new_zeros((ids_BS.shape[0], 0))
         x_QI = torch.cat([e_b_QE, e_u_BU[b_Q]], -1)
         m_QV = self.memory(x_QI, lookup)
@@ -196,11 +196,14 @@ class MemoryReadout(nn.Module):
         return self._last_loss
 
     @staticmethod
-    def _user(f, batch: dict[str, torch.Tensor], lookup: EmbeddingLookup) -> torch.Tensor:
+    def _user(f, batch: dict[str, torch.Tensor], lookup: EmbeddingLookup, training: bool) -> torch.Tensor:
+        """e_u's part from feature f, with the feature's `train_dropout` as the encoder applies it (whole rows):
+        the memory must not hand the model an id the schema drops to generalise to unseen users."""
         x = batch[f.name]
-        if f.type is FeatureType.dense:
-            return x.to(torch.float32).reshape(x.shape[0], f.dim)
-        return lookup.lookup(f.table_name, x)
+        e_BU = x.to(torch.float32).reshape(x.shape[0], f.dim) if f.type is FeatureType.dense else lookup.lookup(f.table_name, x)
+        if f.train_dropout and training:
+            e_BU = e_BU * (torch.rand(x.shape[0], 1, device=x.device) >= f.train_dropout)
+        return e_BU
 
 
 def _feature(schema, name: str, field: str):

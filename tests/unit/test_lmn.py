@@ -276,3 +276,22 @@ def test_artifact_round_trip_carries_the_memory(tmp_path):
     b = toy_batch(toy_schema(), 5, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(loaded(b).logits_BK, m.eval()(b).logits_BK)
+
+
+def test_user_feature_train_dropout_reaches_the_memory_query():
+    doc = toy_schema().model_dump(mode="json")
+    doc["features"][0]["train_dropout"] = 0.999   # user_id
+    schema = type(toy_schema()).model_validate(doc)
+    cfg = MemoryConfig(**{**TINY, "user_features": ["user_id"]})
+    torch.manual_seed(0)
+    lookup = LocalEmbeddingLookup({**tables_from_schema(schema), **memory_tables(type("M", (), {"memory": cfg}))}, 0.1)
+    ro = MemoryReadout(cfg, schema)
+    b = toy_batch(schema, 8, seed=1)
+    b2 = dict(b, user_id=(b["user_id"] + 1) % 50)
+    ro.eval()
+    assert not torch.allclose(ro(b, lookup), ro(b2, lookup))       # eval: the user id matters
+    ro.train()
+    torch.manual_seed(1)
+    t1 = ro(b, lookup)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ro(b2, lookup), t1)                  # training: dropped (p = 0.999), it does not
