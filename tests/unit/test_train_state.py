@@ -59,3 +59,38 @@ def test_snapshot_lookup_serves_stored_rows_and_zeros_for_unseen_ids():
     assert out.tolist() == [[[2.0, 3.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]
     assert lk.lookup("user", torch.tensor([1, 2])).tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert not lk.state_dict()   # rows are not part of the dense state_dict
+
+
+def test_a_checkpoint_registered_after_the_first_check_is_verified_and_announced(tmp_path):
+    """The rerun of a killed driver reads the latest checkpoint twice: before Ray starts (preflight) and right
+    before Ray Train does (recheck): the killed run's Ray Train processes may register one more in between."""
+    import json
+
+    from recmix.jobs.train import RAY_SNAPSHOT, preflight, recheck
+    from recmix.platform.specs.job import JOB_ADAPTER
+
+    spec = JOB_ADAPTER.validate_python(dict(kind="train", dataset=dict(uri=str(tmp_path / "ds")), output=str(tmp_path / "out"),
+                                            model=dict(arch="dlrm_mlp")))
+    run = tmp_path / "out" / "checkpoints" / "train"
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def register(step: int) -> str:
+        d = state.save(state.TrainerState(step=step), model, opt, None)
+        shutil.move(d, run / f"checkpoint-{step:09d}-0")
+        (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": f"checkpoint-{step:09d}-0"}}))
+        return str(run / f"checkpoint-{step:09d}-0")
+
+    run.mkdir(parents=True)
+    logs: list[str] = []
+    first = register(10)
+    assert preflight(spec, False, logs.append) == first and "from checkpoint-000000010-0 (step 10)" in logs[-1]
+    recheck(spec, first, logs.append)
+    assert len(logs) == 1                      # nothing moved: nothing said
+    newer = register(20)
+    recheck(spec, first, logs.append)
+    assert "from checkpoint-000000020-0 (step 20) instead" in logs[-1]
+    with open(os.path.join(newer, "model.pt"), "r+b") as f:   # the newer one is verified like the first
+        f.write(b"\x00\x01")
+    with pytest.raises(RecmixError, match="checkpoint-000000020-0 is corrupt"):
+        recheck(spec, first, logs.append)

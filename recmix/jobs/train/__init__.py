@@ -162,9 +162,9 @@ def latest_checkpoint(fs, run: str) -> Optional[str]:
     return storage.join(run, latest) if latest else None
 
 
-def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
+def preflight(spec: TrainSpec, restart: bool, log) -> Optional[str]:
     """Before any work: clear the run (restart), refuse a completed one, or verify the checkpoint a resume
-    will start from. Returns that checkpoint's step, or None for a fresh run."""
+    will start from. Returns that checkpoint's path, or None for a fresh run."""
     fs, run = _run_folder(spec)
     lmdb = spec.embedding.lmdb_path if spec.embedding is not None else None
     if restart:
@@ -186,16 +186,33 @@ def preflight(spec: TrainSpec, restart: bool, log) -> Optional[int]:
             raise RecmixError(f"embedding.lmdb_path: {lmdb} holds the rows of an earlier run and there is no checkpoint to "
                               "resume; rerun with --restart to start afresh (it clears that folder)")
         return None
+    log(f"[train] resuming run '{spec.name}' from {latest.rsplit('/', 1)[-1]} (step {_verify(fs, latest)}); "
+        "--restart starts afresh")
+    return latest
+
+
+def recheck(spec: TrainSpec, verified: Optional[str], log) -> None:
+    """Right before Ray Train starts: the checkpoint it will resume from is the one `preflight` verified, or a
+    newer one, verified and announced here. A driver killed by SIGKILL leaves its Ray Train controller and
+    workers running for a few seconds (measured 4-5 s: they are their own process groups and exit once they
+    notice their raylet gone), long enough to register one more checkpoint after the rerun's first check."""
+    fs, run = _run_folder(spec)
+    latest = latest_checkpoint(fs, run) if _exists(fs, run) else None
+    if latest == verified or latest is None:   # None: no checkpoint then, and none now (a fresh run)
+        return
+    log(f"[train] resuming run '{spec.name}' from {latest.rsplit('/', 1)[-1]} (step {_verify(fs, latest)}) instead: the "
+        "interrupted run registered it after the first check (its Ray Train processes outlived their driver)")
+
+
+def _verify(fs, latest: str) -> int:
+    """The step of the complete checkpoint folder `latest` (a RecmixError naming it when partial or corrupt)."""
     with tempfile.TemporaryDirectory(prefix="recmix-verify-") as tmp:
         if isinstance(fs, pafs.LocalFileSystem):
             local = latest
         else:
             local = os.path.join(tmp, "ck")
             pafs.copy_files(latest, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        doc = state.verify(local, latest)
-    step = doc["state"]["step"]
-    log(f"[train] resuming run '{spec.name}' from {latest.rsplit('/', 1)[-1]} (step {step}); --restart starts afresh")
-    return step
+        return state.verify(local, latest)["state"]["step"]
 
 
 def absolute_paths(spec: TrainSpec) -> TrainSpec:
@@ -234,9 +251,10 @@ def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bo
     ds = open_dataset(spec.dataset.uri, spec.storage)   # a missing dataset is one line before Ray starts
     storage.check_writable(spec.output, spec.storage)
     _check_train_columns(ds)
-    preflight(spec, restart, log)
+    verified = preflight(spec, restart, log)
     with ray_cluster.cluster(cluster or spec.cluster, echo=log):
         check_resources(spec)
+        recheck(spec, verified, log)
         return _fit_on_ray(spec, ds, log)
 
 
