@@ -93,7 +93,8 @@ def test_prepare_and_shards_export_their_documented_metrics(ray_cluster, tmp_pat
 
 def test_a_train_run_exports_its_progress_gauges(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
     """The driver exports rank 0's figures and sets them again while the run lives (Ray drops a gauge series
-    that is not set for 20 s): seen during the run or in the ~20 s after it."""
+    that is not set for 20 s): seen during the run or in the ~20 s after it. The run is elastic (workers
+    [1, 2]) and reports the worker count it ran with."""
     from recmix.jobs.train import run
     from recmix.platform.specs.job import JOB_ADAPTER
 
@@ -101,9 +102,9 @@ def test_a_train_run_exports_its_progress_gauges(ray_cluster, tiny_dataset, tmp_
     spec = JOB_ADAPTER.validate_python(dict(
         kind="train", name=name, dataset=dict(uri=str(tiny_dataset)), output=str(tmp_path / "run"), epochs=1,
         batch_size=64, seed=0, threads=1, optimizer=dict(name="adamw", lr=0.01), early_stopping=dict(patience=1),
-        model=dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2), scaling=dict(workers=1)))
+        model=dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2), scaling=dict(workers=[1, 2])))
     seen: dict[str, list[str]] = {m: [] for m in TRAIN}
-    done = threading.Event()
+    done, lines = threading.Event(), []
 
     def poll():
         port = _port()
@@ -119,7 +120,7 @@ def test_a_train_run_exports_its_progress_gauges(ray_cluster, tiny_dataset, tmp_
     t = threading.Thread(target=poll, daemon=True)
     t.start()
     try:
-        summary = run(spec, log=lambda line: None)
+        summary = run(spec, log=lines.append)
         deadline = time.time() + 30
         while time.time() < deadline and not all(seen.values()):
             time.sleep(1)
@@ -130,3 +131,8 @@ def test_a_train_run_exports_its_progress_gauges(ray_cluster, tiny_dataset, tmp_
     assert all('component="train"' in lines[0] for lines in seen.values())
     steps = [float(ln.rsplit(" ", 1)[1]) for ln in seen["recmix_train_step"]]
     assert 0 < max(steps) <= summary["steps"], (steps, summary["steps"])
+    # elastic scaling [1, 2]: the run starts with what the cluster places (2 here, 4 CPUs) and reports it
+    assert any(ln.startswith("[train] Ray Train: 1-2 (elastic) worker(s)") for ln in lines), lines
+    group = [ln for ln in lines if ln.startswith("[train] worker group: ")]
+    assert group and group[0].startswith(f"[train] worker group: {summary['world_size']} rank(s)"), group
+    assert summary["world_size"] in (1, 2) and summary["steps"] > 0, summary

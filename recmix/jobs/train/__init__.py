@@ -309,7 +309,8 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
                                                         resources_per_worker=resources),
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
                            run_config=run_config, datasets={"train": train_ds})
-    log(f"[train] Ray Train: {sc.workers} worker(s) x {sc.cpus_per_worker:g} CPU{' + 1 GPU' if sc.use_gpu else ''}, "
+    shown = f"{sc.workers[0]}-{sc.workers[1]} (elastic)" if isinstance(sc.workers, tuple) else sc.workers
+    log(f"[train] Ray Train: {shown} worker(s) x {sc.cpus_per_worker:g} CPU{' + 1 GPU' if sc.use_gpu else ''}, "
         f"run '{spec.name}' in {storage.join(spec.output, 'checkpoints', spec.name)}")
     import signal
 
