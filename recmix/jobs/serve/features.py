@@ -5,7 +5,10 @@ candidate where the model reads them per row). Per-candidate features (`candidat
 Encoding matches training: categorical int64 ids; lists padded with -1 to max_len; dense float32. Hashed
 features take any int64 id (the model buckets it). An id outside a vocabulary (never seen in training) takes
 the unknown path: a categorical id becomes 0 (the id the dataset conventions keep free: docs/data.md), a list id
-is dropped like padding; both are counted. Everything else a request gets wrong is a RequestError (HTTP 422).
+is dropped like padding (with its position in a sequence's aligned attributes, `tokens.attributes`, which
+must have the sequence's length); both are counted. Everything else a request gets wrong is a RequestError
+(HTTP 422). Columns are converted whole by numpy; only a column numpy reads otherwise is re-read value by
+value, to name the bad value.
 """
 
 from __future__ import annotations
