@@ -53,18 +53,51 @@ def test_train_with_parameter_server_tables(ray_cluster, tiny_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_ray_train_two_workers_share_one_shard_group_and_publish_the_rows(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
-    """2 Ray Train workers attach to the driver's group; the artifact's row snapshot reproduces the test AUC."""
+def test_ray_train_two_workers_share_one_shard_group_survive_a_shard_kill_and_publish_the_rows(ray_cluster, tiny_dataset, tmp_path):  # noqa: F811
+    """2 Ray Train workers attach to the driver's group; an embedding shard's process is SIGKILLed after the
+    first checkpoint (durability write_through): Ray restarts it over its LMDB, pulls and pushes in flight are
+    re-sent, and the run completes; the artifact's row snapshot reproduces the test AUC and predictions."""
+    import os
+    import signal
+    import threading
+    import time
+
     import ray
 
-    from recmix.jobs.train import run
+    from recmix.jobs.train import ps_group, run
     from recmix.jobs.train.score import score
     from recmix.models.artifact import load_artifact
 
     out = tmp_path / "run"
-    s = spec(tiny_dataset, out).model_dump(mode="json", exclude_unset=True)
+    s = spec(tiny_dataset, out, durability="write_through").model_dump(mode="json", exclude_unset=True)
     s.update(epochs=2, scaling={"workers": 2}, checkpoint={"every_steps": 20})
-    summary = run(JOB_ADAPTER.validate_python(s), log=lambda line: None)
+    train_spec = JOB_ADAPTER.validate_python(s)
+    killed: list[int] = []
+    back: list[bool] = []
+
+    def killer():
+        snap = out / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (snap.exists() and "checkpoint-" in snap.read_text()):
+            time.sleep(0.2)
+        ns = ps_group.namespace(train_spec)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
+        if names:
+            shard = ray.get_actor(sorted(names)[0], namespace=ns)
+            pid = ray.get(shard.pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            try:   # the restarted shard answers (unless the run ended and the driver destroyed the group first)
+                back.append(ray.get(shard.info.remote(), timeout=60)["reconstructed"])
+            except Exception:
+                pass
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = run(train_spec, log=lambda line: None)
+    t.join(5)
+    assert killed, "no shard was killed (the run ended before its first checkpoint?)"
+    assert back in ([], [True]), back
     assert summary["world_size"] == 2 and summary["test"]["auc"] > 0.6, summary["test"]
     model = load_artifact(str(out / "artifact"))
     assert not any(isinstance(m, torch.nn.Embedding) for m in model.modules())   # rows come from the snapshot

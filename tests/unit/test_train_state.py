@@ -94,3 +94,19 @@ def test_a_checkpoint_registered_after_the_first_check_is_verified_and_announced
         f.write(b"\x00\x01")
     with pytest.raises(RecmixError, match="checkpoint-000000020-0 is corrupt"):
         recheck(spec, first, logs.append)
+
+
+def test_a_user_facing_error_behind_a_failed_ray_train_run_becomes_one_line():
+    """A PushError (a shard gone past the push retries) inside a worker reaches the driver wrapped by Ray and
+    Ray Train; the driver names it in one line (exit 2). Any other error keeps its traceback."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from recmix.actors.backend import PushError
+    from recmix.jobs.train import failure_line
+
+    push = PushError("push to embedding shard(s) [0] not applied after 30 attempts (ActorDiedError: gone)\nmore", [])
+    wrapped = RayTaskError("train_fn", "Traceback ...", push)
+    err = WorkerGroupError("rank 1 failed", {1: ValueError("other rank"), 0: wrapped})
+    assert failure_line(err) == "push to embedding shard(s) [0] not applied after 30 attempts (ActorDiedError: gone)"
+    assert failure_line(WorkerGroupError("x", {0: ValueError("a bug")})) is None

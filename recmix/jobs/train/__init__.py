@@ -244,6 +244,24 @@ def check_resources(spec: TrainSpec) -> None:
         raise RecmixError(f"scaling: {n} workers with use_gpu need {n} GPUs; the cluster has {total.get('GPU', 0):g}")
 
 
+def failure_line(err: BaseException) -> Optional[str]:
+    """The first line of a RecmixError (a user-facing failure: a parameter-server push past its retries, a
+    dataset changed under the run, a corrupt checkpoint) behind a failed Ray Train run, else None (a bug:
+    its traceback is kept). Ray Train wraps worker errors (WorkerGroupError.worker_failures), Ray wraps task
+    errors (RayTaskError.cause)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RecmixError):
+            return (str(e.args[0]) if e.args else str(e)).splitlines()[0]
+        todo += [*getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None),
+                 getattr(e, "cause", None), e.__cause__]
+    return None
+
+
 def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bool = False,
         log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
@@ -321,6 +339,12 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
         result = trainer.fit()
     except SystemExit:
         raise KeyboardInterrupt from None
+    except Exception as e:
+        line = failure_line(e)
+        if line is None:
+            raise
+        raise RecmixError(f"Ray Train run '{spec.name}' failed: {line}; its checkpoints stay (running the spec again "
+                          "resumes)") from None
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
@@ -331,6 +355,10 @@ def _fit_on_ray(spec: TrainSpec, ds, log) -> dict:
     if not out and result.error is None:
         raise KeyboardInterrupt   # aborted by Ctrl-C: the checkpoints stay, a rerun resumes
     if not out or "fit" not in out:
+        line = failure_line(result.error) if result.error is not None else None
+        if line is not None:
+            raise RecmixError(f"Ray Train run '{spec.name}' failed: {line}; its checkpoints stay (running the spec "
+                              "again resumes)")
         raise RuntimeError(f"Ray Train run '{spec.name}' ended without a result from rank 0 ({result.error!r})")
     fitted: FitResult = out["fit"]
     res = _result(spec, ds.schema, fitted, time.perf_counter() - t0, model=None, world_size=out["world_size"],
