@@ -32,7 +32,7 @@ def test_pipeline_example_trains_serves_and_checks_agreement(ray_cluster, ml100k
     assert sample["ok"] == sample["requests"] == 200 and sample["errors"] == 0, sample
     assert sample["max_abs_diff"] < 1e-5 and sample["agree"], sample
     assert sample["model_version"] == Path(res["serve"]["artifact"]).name
-    assert res["train"]["test"]["auc"] > 0.6      # one epoch on ml-100k: about 0.7
+    assert res["train"]["test"]["auc"] > 0.55     # trained: one epoch on ml-100k gives about 0.7, chance 0.5
     summary = [ln for ln in out.splitlines() if ln.startswith("[pipeline] ")]
     assert any(ln.startswith("[pipeline] train: test AUC ") for ln in summary), summary
     assert any("[pipeline] serve: 200/200 sample requests x 50 candidates: p50 " in ln for ln in summary), summary
