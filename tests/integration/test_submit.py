@@ -51,19 +51,38 @@ def _submit(env: dict, *args: str, timeout: float = 150) -> subprocess.Completed
                           timeout=timeout)
 
 
-def test_submit_prepare_succeeds_and_joins_the_cluster(head, tmp_path):
+def test_submit_prepare_then_train_succeeds_and_joins_the_cluster(head, tmp_path):
+    """A pipeline job: a synthetic prepare, then a tiny Ray Train run on it (1 worker x 0.5 CPU: the 2-CPU head
+    keeps a CPU for Ray Data's read tasks), both on the job's cluster."""
     url, env, tmp = head
     out = tmp_path / "data"
     spec = tmp_path / "prep.yaml"
-    spec.write_text(f"kind: prepare\nsource: {{type: synthetic, n_rows: 2000, n_users: 100, n_items: 50, history_len: 5, "
-                    f"chunk_rows: 1000, seed: 0}}\noutput: {{uri: {out}}}\n")
-    r = _submit(env, "submit", str(spec), "--address", url, "--submission-id", "rmx-prep-ok")
-    assert r.returncode == 0, r.stdout + r.stderr
+    spec.write_text(f"""kind: pipeline
+stages:
+  - name: prepare
+    spec:
+      kind: prepare
+      source: {{type: synthetic, n_rows: 2000, n_users: 100, n_items: 50, history_len: 5, chunk_rows: 1000, seed: 0}}
+      output: {{uri: {out}}}
+  - name: train
+    spec:
+      kind: train
+      dataset: {{uri: {out}}}
+      model: {{arch: tokenmixer_large, d_model: 16, n_heads: 4, n_layers: 2}}
+      epochs: 1
+      batch_size: 256
+      threads: 1
+      scaling: {{workers: 1, cpus_per_worker: 0.5}}
+      output: {tmp_path / "run"}
+""")
+    r = _submit(env, "submit", str(spec), "--address", url, "--submission-id", "rmx-prep-ok", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # no nested cluster: the driver joined the job's cluster through RAY_ADDRESS
     assert "[ray] joined the cluster at" in r.stdout and "(RAY_ADDRESS)" in r.stdout, r.stdout
     assert "started a local cluster" not in r.stdout, r.stdout
     assert "[prepare] synthetic" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
     assert (out / "_manifest.json").exists() or list(out.glob("*/_manifest.json")), list(out.rglob("*"))
+    assert "[train] test AUC " in r.stdout and (tmp_path / "run" / "artifact" / "LATEST").exists(), r.stdout[-3000:]
 
     logs = _submit(env, "jobs", "logs", "rmx-prep-ok", "--address", url, timeout=60)
     assert logs.returncode == 0 and "[prepare] synthetic" in logs.stdout, logs.stdout + logs.stderr
