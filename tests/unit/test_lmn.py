@@ -295,3 +295,23 @@ def test_user_feature_train_dropout_reaches_the_memory_query():
     t1 = ro(b, lookup)
     torch.manual_seed(1)
     torch.testing.assert_close(ro(b2, lookup), t1)                  # training: dropped (p = 0.999), it does not
+
+
+def test_served_model_reads_the_memory_on_the_cached_user_path(tmp_path):
+    from recmix.jobs.serve.features import FeatureCodec, RankRequest
+    from recmix.jobs.serve.scorer import Scorer, UserCache
+    from recmix.models.artifact import load_artifact
+    from tests.serve_fixture import MODEL, offline_scores, request_rows, write_artifact
+
+    model = load_artifact(write_artifact(str(tmp_path), model={**MODEL, "memory": MEM}))
+    assert "lmn_memory" in model.user_feats
+    codec = FeatureCodec(toy_schema())
+    scorer = Scorer(model, "v1", UserCache(8, 60))
+    body = request_rows(5, user=2)
+    miss = scorer.score_many([codec.encode(RankRequest.model_validate(body))])[0]
+    hit = scorer.score_many([codec.encode(RankRequest.model_validate(body))])[0]
+    assert (miss.cache_hit, hit.cache_hit) == (False, True) and hit.scores == miss.scores
+    assert max(abs(a - b) for a, b in zip(miss.scores, offline_scores(model, body))) < 1e-5
+    with torch.no_grad():   # the scores depend on the memory values
+        model.encoder.lookup.emb[VALUE_TABLE].weight.mul_(-1.0)
+    assert max(abs(a - b) for a, b in zip(miss.scores, offline_scores(model, body))) > 1e-4
