@@ -34,6 +34,8 @@ NEG = -1e30   # masked score: exp underflows to exactly 0
 
 
 class PositionEncoder(nn.Module):
+    """Item rows and attribute rows of every valid position -> p_BLW (shared by the pools and the target)."""
+
     def __init__(self, schema: FeatureSchema, seq: str, widths: dict[str, int]):
         super().__init__()
         f = schema.feature(seq)
