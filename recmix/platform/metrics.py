@@ -26,7 +26,7 @@ class Metric:
 
 _GROUP = ("component", "group")  # group: the shard group (embedding.name), the train run, the dataset
 _PS = _GROUP + ("shard", "table")
-_TRAIN = _GROUP  # rank 0 of the run exports them
+_TRAIN = _GROUP  # the run's driver exports them (rank 0's figures)
 METRICS: tuple[Metric, ...] = (
     # embedding parameter-server shards (recmix/actors/metrics.py)
     Metric("recmix_ps_rows", "gauge", "ps", _PS + ("tier",), "rows held per tier (ram, lmdb)"),
@@ -37,7 +37,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("recmix_ps_rejections", "counter", "ps", _PS, "new ids refused by the admission filter"),
     Metric("recmix_ps_expiries", "counter", "ps", _PS, "rows dropped after their time to live"),
     Metric("recmix_ps_latency_s", "histogram", "ps", _GROUP + ("shard", "op"), "shard handler time per request (op: pull, push, ...)"),
-    # training (recmix/jobs/train/worker.py, rank 0)
+    # training (recmix/jobs/train/progress.py: the driver, from rank 0's figures)
     Metric("recmix_train_step", "gauge", "train", _TRAIN, "optimizer steps so far"),
     Metric("recmix_train_epoch", "gauge", "train", _TRAIN, "current epoch"),
     Metric("recmix_train_loss", "gauge", "train", _TRAIN, "latest reported loss"),
@@ -50,7 +50,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("recmix_serve_unknown_ids", "counter", "serve", ("component",), "ids outside the training vocabulary"),
     Metric("recmix_serve_candidates", "counter", "serve", ("component",), "candidates scored (batch size = candidates / requests)"),
     Metric("recmix_serve_latency_s", "histogram", "serve", ("component",), "rank request latency inside the replica"),
-    # data preparation (recmix/jobs/prepare: the Ray tasks of the synthetic source)
+    # data preparation (recmix/jobs/prepare: the synthetic chunk tasks; the driver for MovieLens / parquet)
     Metric("recmix_prepare_rows", "counter", "prepare", _GROUP, "rows written; group: the dataset's name"),
     Metric("recmix_prepare_rows_per_s", "gauge", "prepare", _GROUP, "rows per second of the latest chunk task"),
 )

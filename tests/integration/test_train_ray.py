@@ -195,7 +195,7 @@ def test_driver_killed_then_rerun_continues_from_the_checkpoint(tiny_dataset, tm
     # test_train_state.py); here the rerun starts once the run folder is quiet, so the step is exact.
     snap = out / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
     last, quiet_since, deadline = snap.read_text(), time.time(), time.time() + 60
-    while time.time() - quiet_since < 6 and time.time() < deadline:
+    while time.time() - quiet_since < 8 and time.time() < deadline:
         time.sleep(0.5)
         if snap.read_text() != last:
             last, quiet_since = snap.read_text(), time.time()
