@@ -2,8 +2,9 @@
 printed, the figures become the `recmix_train_*` gauges (recmix/platform/metrics.py).
 
 [choice] The driver exports the gauges, not rank 0: Ray 2.60's metrics agent evicts a gauge series that was
-not set again within two export intervals (`metrics_report_interval_ms`, 10 s by default: a 20 s TTL), and a
-killed worker never exports what it set last. The driver outlives the workers, keeps one series across
+not set again within two export intervals (`metrics_report_interval_ms`, 10 s by default: a 20 s TTL; a gauge
+set once vanished 27-30 s later, measured), and a worker killed at the end of the run may never export what
+it set last (a driver that disconnects does flush). The driver outlives the workers, keeps one series across
 worker-group restarts, and re-sets the latest figures every `HEARTBEAT_S` while the run lives; the last
 figures stay visible for about 20 s after the run ends (report.json keeps them for good).
 """
