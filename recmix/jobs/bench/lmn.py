@@ -143,6 +143,9 @@ def run(quick: bool, params: LmnBenchParams | None = None) -> BenchReport:
               f"product-key read growth N = {min(slots):,} -> {max(slots):,}: {res['pk_growth']:.2f}x "
               f"(target <= 8x; sqrt(N) grows {math.isqrt(max(slots)) / math.isqrt(min(slots)):.0f}x)",
               f"sharded / in-process, worst N: {res['sharded_over_local_max']:.2f}x (target <= 2x)"]
+    if quick:
+        notes.append("quick shapes: the targets are set for the full run (1,024 queries, N up to 1,048,576); on small "
+                     "batches the sharded read's fixed cost per call (dedup, one actor call per shard) dominates")
     return BenchReport(title=f"lmn: memory read of {p.queries} queries (d_key {D_KEY}, d_value {D_VALUE}, k_axis "
                              f"{K_AXIS}, top_k {TOP_K}; ms per batch)",
                        columns=["N", "n_sub", "pk in-process", "pk sharded", "flat", "flat/pk", "sharded/in-proc",
