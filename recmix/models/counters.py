@@ -19,7 +19,9 @@ from recmix.platform.specs.model import (DTSICoupling, GlobalToken, MoEPositions
                                          Tokenizer)
 from recmix.platform.specs.ugsep import GlobalTokenSide, ICMode, ICProj
 
+from .derived import build_derived, derived_tables
 from .embedding import feature_widths, tables_from_schema
+from .tokenizers import ordered_features
 
 
 @dataclass
@@ -123,13 +125,13 @@ def n_tokens_for(cfg, schema) -> int:
     return cfg.n_tokens
 
 
-def tokenizer(cfg, schema) -> Counts:
-    w = feature_widths(schema)
+def tokenizer(cfg, schema, derived=()) -> Counts:
+    w = _widths(schema, derived)
     D, total = cfg.d_model, sum(w.values())
     if cfg.tokenizer is Tokenizer.group_mlp:
         c = Counts(0, 0, 0)
-        for g in schema.groups:
-            c = c + _mlp(sum(w[f.name] for f in schema.group_features(g.name)), D, D)
+        for _, names in ordered_features(schema, derived):
+            c = c + _mlp(sum(w[n] for n in names), D, D)
         if _has_global(cfg):
             c = c + _mlp(total, D, D)
         return c
@@ -142,21 +144,33 @@ def tokenizer(cfg, schema) -> Counts:
     return one.scaled(T)
 
 
+def _widths(schema, derived) -> dict[str, int]:
+    return feature_widths(schema) | {d.name: d.width for d in derived}
+
+
+def derived_counts(derived) -> Counts:
+    """The derived features' own dense parameters (their lookup tables are embeddings). FLOPs: one
+    application per row, so a module applied per history position is undercounted by the history length."""
+    n = sum(p.numel() for d in derived for p in d.parameters())
+    return Counts(n, n, 2 * n)
+
+
 def embeddings(schema) -> int:
     return sum(t.n_ids * t.dim for t in tables_from_schema(schema).values())
 
 
-def ugsep_counts(cfg, schema) -> tuple[Counts, Counts]:
+def ugsep_counts(cfg, schema, derived=()) -> tuple[Counts, Counts]:
     """(tokenizer, IC) Counts of a model with `ugsep`: each side's features chunked into its tokens by a
     per-token Linear with bias (one token replaced by the global MLP on its side), one IC module per block."""
     ug, T, D = cfg.ugsep, cfg.n_tokens, cfg.d_model
     H = cfg.resolved_heads(T)
     Tu = ug.n_user_tokens(T)
     Cu, S = H * Tu // T, D // H
-    w = feature_widths(schema)
+    w = _widths(schema, derived)
     user_groups = {g.name for g in schema.groups if g.side is GroupSide.user} if Tu else set()
-    wu = sum(w[f.name] for f in schema.inputs if f.group in user_groups)
-    wg = sum(w[f.name] for f in schema.inputs if f.group not in user_groups)
+    groups = ordered_features(schema, derived)
+    wu = sum(w[n] for g, names in groups if g in user_groups for n in names)
+    wg = sum(w[n] for g, names in groups if g not in user_groups for n in names)
     glob, user_side = _has_global(cfg), ug.global_token_side is GlobalTokenSide.user
 
     def side_counts(width: int, n_tok: int, has_global: bool, global_in: int) -> Counts:
@@ -183,21 +197,24 @@ def ugsep_counts(cfg, schema) -> tuple[Counts, Counts]:
 def model(cfg, schema) -> dict:
     """Counts of a whole model on a schema: embeddings, tokenizer, backbone, heads (+ aux towers)."""
     K = len(schema.labels)
+    derived = build_derived(cfg, schema)
     if cfg.arch == "dlrm_mlp":
-        width = sum(feature_widths(schema).values())
+        width = sum(_widths(schema, derived).values())
         body = Counts(0, 0, 0)
         for h in cfg.hidden:
             body, width = body + _linear(width, h), h
         heads, tok = _heads(width, K, cfg.head_hidden), Counts(0, 0, 0)
     else:
         T = n_tokens_for(cfg, schema)
-        tok, body = tokenizer(cfg, schema), backbone(cfg, T)
+        tok, body = tokenizer(cfg, schema, derived), backbone(cfg, T)
         if getattr(cfg, "ugsep", None) is not None:
-            tok, ic = ugsep_counts(cfg, schema)
+            tok, ic = ugsep_counts(cfg, schema, derived)
             body = body + ic
         heads = _heads(cfg.d_model, K, cfg.head_hidden)
         if cfg.arch == "tokenmixer_large":
             heads = heads + _heads(cfg.d_model, K, cfg.head_hidden).scaled(len(cfg.aux_layers()))
-    dense = tok + body + heads
-    return {"embedding_params": embeddings(schema), "tokenizer": tok.asdict(), "backbone": body.asdict(),
+    der = derived_counts(derived)
+    dense = tok + body + heads + der
+    return {"embedding_params": embeddings(schema) + sum(t.n_ids * t.dim for t in derived_tables(derived).values()),
+            "derived": der.asdict(), "tokenizer": tok.asdict(), "backbone": body.asdict(),
             "heads": heads.asdict(), "dense": dense.asdict()}

@@ -160,3 +160,19 @@ def test_derived_names_and_groups_are_checked(derived):
     derived[:] = [NoGroup]
     with pytest.raises(ValueError, match="group 'nowhere'"):
         build(cfg())
+
+
+@pytest.mark.parametrize("arch,ugsep,tokenizer", [("dlrm_mlp", None, "chunk_per_token"),
+                                                  ("rankmixer", None, "chunk_per_token"),
+                                                  ("tokenmixer_large", None, "chunk_per_token"),
+                                                  ("tokenmixer_large", dict(user_tokens="1:1"), "chunk_per_token")])
+def test_counters_count_the_derived_features(derived, arch, ugsep, tokenizer):
+    from recmix.models import counters
+
+    derived += [HistMean, TargetDot]
+    c = cfg(arch, ugsep, tokenizer)
+    model = build(c)
+    counts = counters.model(c, toy_schema())
+    total = sum(p.numel() for p in model.parameters())
+    assert counts["dense"]["params"] == total - counts["embedding_params"]
+    assert counts["derived"]["params"] == 8 * 8 + 8   # HistMean's projection

@@ -315,3 +315,15 @@ def test_served_model_reads_the_memory_on_the_cached_user_path(tmp_path):
     with torch.no_grad():   # the scores depend on the memory values
         model.encoder.lookup.emb[VALUE_TABLE].weight.mul_(-1.0)
     assert max(abs(a - b) for a, b in zip(miss.scores, offline_scores(model, body))) > 1e-4
+
+
+@pytest.mark.parametrize("arch,ugsep", [("dlrm_mlp", None), ("tokenmixer_large", None), ("tokenmixer_large", dict(user_tokens="1:1"))])
+def test_counters_count_the_memory(arch, ugsep):
+    from recmix.models import counters
+
+    cfg = _model_cfg(arch, ugsep)
+    model = build_model(cfg, toy_schema())
+    counts = counters.model(cfg, toy_schema())
+    assert counts["derived"]["params"] > 0
+    assert counts["dense"]["params"] == sum(p.numel() for p in model.parameters()) - counts["embedding_params"]
+    assert counts["embedding_params"] >= 36 * MEM["d_value"]   # the value table counts as embeddings
