@@ -9,6 +9,11 @@
   score; a row's history is the last l items of the pool, l ~ U{0..history_len}. Gathering from the pool
   keeps histories cheap (no per-row sampling, no per-element dot products). Histories have no time: the
   gap bucket of the k-th most recent entry (k = 1, 2, ...) is that of k minutes.
+* Long history (optional, `long_history`): each user's pool extends `pool_len - history_len` entries further
+  back (Zipf items, never shown); taste_u = mean of a planted item scalar a_i over the whole pool, standardized
+  over users, and z gains weight * taste_u * c_i. Rows show at most the last `history_len` entries, so only
+  a model that infers the long-run taste (from ids or what other users' behaviour teaches) recovers the term.
+  Its tables come from SeedSequence([seed, 3]): without it every table and file is unchanged.
 * Row r (0-based, global) has timestamp T0 + r; chunks of `chunk_rows` are generated independently from
   SeedSequence([seed, chunk]), so files do not depend on how many workers ran.
 """
@@ -74,12 +79,18 @@ class Tables:
     genres: pa.ListArray      # item id -> genre ids
     pool_items: np.ndarray    # [n_users + 1, history_len] int32, most recent last
     pool_ratings: np.ndarray  # [n_users + 1, history_len] int8
+    taste: np.ndarray | None = None  # [n_users + 1] float32, long-pool taste (mean 0, std 1 over users 1..n)
+    taste_item: np.ndarray | None = None  # [n_items + 1] float32, c_i: how much item i rewards the taste
+    taste_weight: float = 0.0
 
 
 def score(t: Tables, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """The planted logit without noise: interaction (std 1) plus user and item biases."""
+    """The planted logit without noise: interaction (std 1) plus user and item biases (plus the long-history term)."""
     inter = np.einsum("ij,ij->i", t.U[users], t.V[items]) / np.float32(np.sqrt(t.U.shape[1]))
-    return inter + t.bu[users] + t.bi[items]
+    z = inter + t.bu[users] + t.bi[items]
+    if t.taste is not None:
+        z = z + np.float32(t.taste_weight) * t.taste[users] * t.taste_item[items]
+    return z
 
 
 def build_tables(src: SyntheticSource) -> Tables:
@@ -121,7 +132,27 @@ def build_tables(src: SyntheticSource) -> Tables:
         z = np.einsum("ulr,ur->ul", V[p], U[lo:lo + step]) * scale + bu[lo:lo + step, None] + bi[p]
         ratings[lo:lo + step] = 1 + np.searchsorted(RATING_EDGES, z + np.float32(src.noise) * noise[lo:lo + step])
     t.pool_items, t.pool_ratings = pool, ratings
+    if src.long_history is not None:
+        _long_history(src, t)
     return t
+
+
+def _long_history(src: SyntheticSource, t: Tables) -> None:
+    """taste_u: mean of a_i over the older (never shown) pool entries and the visible pool, standardized."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([src.seed, 3])))
+    nu, ni = src.n_users, src.n_items
+    a = rng.standard_normal(ni + 1, dtype=np.float32)
+    c = rng.standard_normal(ni + 1, dtype=np.float32)
+    older = src.long_history.pool_len - src.history_len
+    total = a[t.pool_items].sum(axis=1, dtype=np.float64)
+    step = max(1, 4_000_000 // older)  # blocks of users: bounded temporaries
+    for lo in range(0, nu + 1, step):
+        n = min(step, nu + 1 - lo)
+        total[lo:lo + n] += a[t.item_perm[t.items.sample(rng, n * older)]].reshape(n, older).sum(axis=1, dtype=np.float64)
+    mean = total[1:] / src.long_history.pool_len
+    taste = np.zeros(nu + 1, np.float32)
+    taste[1:] = (mean - mean.mean()) / max(mean.std(), 1e-12)
+    t.taste, t.taste_item, t.taste_weight = taste, c, src.long_history.weight
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -41,6 +41,15 @@ class MovieLensSource(StrictModel):
     history_len: Annotated[int, Field(gt=0, le=1000)] = 50
 
 
+class LongHistorySignal(StrictModel):
+    """A label term carried by the user's whole behaviour pool, of which rows show only the last `history_len`."""
+
+    # Length of each user's long pool (the visible history is its most recent `history_len` entries).
+    pool_len: Annotated[int, Field(gt=1, le=10_000)]
+    # Standard deviation of the term (over users and items) added to the label logit.
+    weight: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+
 class SyntheticSource(StrictModel):
     """Zipf-distributed ids, labels from a planted user x item interaction plus noise (docs/data.md)."""
 
@@ -57,9 +66,14 @@ class SyntheticSource(StrictModel):
     rank: Annotated[int, Field(gt=0, le=256)] = 8
     # Standard deviation of the Gaussian noise added to the label logit (the interaction has std 1).
     noise: Annotated[float, Field(ge=0, le=10)] = 1.0
+    # Off by default (files stay bit-identical): a label term from the long history (docs/data.md).
+    long_history: Optional[LongHistorySignal] = None
 
     @model_validator(mode="after")
     def _tables_fit(self) -> "SyntheticSource":
+        if self.long_history is not None and self.long_history.pool_len <= self.history_len:
+            raise ValueError(f"long_history.pool_len ({self.long_history.pool_len}) must exceed history_len "
+                             f"({self.history_len}): the signal must reach beyond the history rows show")
         # Per-id tables live in memory (driver and object store): history pools and latent vectors.
         cells = (self.n_users + 1) * (self.history_len + self.rank) + (self.n_items + 1) * self.rank
         if cells > 500_000_000:
