@@ -44,7 +44,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from recmix.platform.specs.data import StorageConfig
 
     res = score(args.artifact, args.dataset, args.split, StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url
-                else None)
+                else None, quant=args.quant)
     if args.json:
         print(json.dumps(res, default=float))
     return 0
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("dataset", help="prepared dataset URI")
     sc.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
     sc.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")
+    sc.add_argument("--quant", choices=["w8a16"], help="score the artifact's W8A16 weights (a run trained with `quantize:`)")
     sc.add_argument("--json", action="store_true", help="print the metrics as one JSON line at the end")
     sc.set_defaults(fn=_cmd_score)
 

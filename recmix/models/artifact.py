@@ -26,6 +26,7 @@ FORMAT = "recmix-model-artifact-v1"
 DOC = "artifact.json"
 LATEST = "LATEST"
 DENSE = "dense.pt"
+W8A16 = "w8a16.pt"
 
 
 def resolve_version(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:
@@ -51,11 +52,13 @@ def read_doc(uri: str, storage_cfg: Optional[StorageConfig] = None) -> dict:
     return doc
 
 
-def load_artifact(uri: str, storage_cfg: Optional[StorageConfig] = None, device: str | torch.device = "cpu"):
+def load_artifact(uri: str, storage_cfg: Optional[StorageConfig] = None, device: str | torch.device = "cpu",
+                  quant: Optional[str] = None, backend: Optional[str] = None):
     """The trained model, rebuilt from its spec and schema, weights loaded strictly, in eval mode.
 
     `uri` is an artifact root (its LATEST version is taken) or one version folder. `model.artifact` holds
-    the artifact.json document (metrics, schema, packages)."""
+    the artifact.json document (metrics, schema, packages). `quant="w8a16"` loads the artifact's W8A16
+    weights (a run with `quantize:`) into quantized layers; `backend` picks their kernel (default auto)."""
     from pydantic import TypeAdapter
 
     from recmix.platform.specs.model import ModelConfig
@@ -72,6 +75,14 @@ def load_artifact(uri: str, storage_cfg: Optional[StorageConfig] = None, device:
     lookup = _snapshot_lookup(fs, storage.join(root, doc["embeddings"]), schema) if doc.get("embeddings") else None
     model = build_model(cfg, schema, lookup)
     model.load_state_dict(state, strict=True)
+    if quant is not None:
+        if quant != "w8a16":
+            raise ValueError(f"quant must be 'w8a16' or None, got {quant!r}")
+        if not doc.get("w8a16"):
+            raise RecmixError(f"{uri}: the artifact has no W8A16 weights (train with `quantize:` to add them)")
+        from .quantize import load_quantized
+
+        model = load_quantized(model, storage.join(uri, doc["w8a16"]), storage_cfg, backend=backend or "auto")
     model.artifact = doc
     return model.to(device).eval()
 

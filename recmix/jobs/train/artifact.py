@@ -56,6 +56,23 @@ def publish(spec: TrainSpec, version: str, schema, best_state: dict, metrics: di
            "dense": fmt.DENSE, "embeddings": embeddings, "metrics": metrics, "packages": packages(),
            "run": {"name": spec.name, "dataset": spec.dataset.uri, "seed": spec.seed}}
     storage.write_bytes_atomic(fs, storage.join(root, fmt.DOC), json.dumps(doc, indent=1, default=float).encode())
+    if spec.quantize is not None:
+        _add_w8a16(spec, uri, fs, root, doc)
     lfs, lroot = storage.resolve(root_uri(spec), spec.storage)
     storage.write_bytes_atomic(lfs, storage.join(lroot, fmt.LATEST), (version + "\n").encode())
     return uri
+
+
+def _add_w8a16(spec: TrainSpec, uri: str, fs, root: str, doc: dict) -> None:
+    """Quantize the published float model and add `w8a16.pt` to the version folder (before LATEST names it).
+    The weights do not depend on the kernel: they are built with the reference backend, which runs anywhere;
+    the loader picks the kernel."""
+    from recmix.models.quantize import export_quantized, quantize_model
+    from recmix.platform.specs.w8a16 import KernelBackend
+
+    model = fmt.load_artifact(uri, spec.storage)
+    quantize_model(model, config=spec.quantize.model_copy(update={"backend": KernelBackend.reference}))
+    export_quantized(model, storage.join(uri, fmt.W8A16), spec.storage)
+    doc["w8a16"] = fmt.W8A16
+    doc["w8a16_config"] = spec.quantize.model_dump(mode="json")
+    storage.write_bytes_atomic(fs, storage.join(root, fmt.DOC), json.dumps(doc, indent=1, default=float).encode())

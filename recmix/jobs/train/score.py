@@ -17,9 +17,10 @@ from .worker import warm_users
 
 
 def score(artifact_uri: str, dataset_uri: str, split: str = "test", storage_cfg: Optional[StorageConfig] = None,
-          batch_size: int = 4096, echo=print) -> dict:
-    """AUC and logloss (all rows; warm/cold users on valid/test) of the artifact's model on one split."""
-    model = load_artifact(artifact_uri, storage_cfg)
+          batch_size: int = 4096, echo=print, quant: Optional[str] = None) -> dict:
+    """AUC and logloss (all rows; warm/cold users on valid/test) of the artifact's model on one split;
+    `quant="w8a16"` scores its W8A16 weights."""
+    model = load_artifact(artifact_uri, storage_cfg, quant=quant)
     ds = open_dataset(dataset_uri, storage_cfg)
     want = model.artifact["features"]
     if ds.schema.model_dump(mode="json") != want:

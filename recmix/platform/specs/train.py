@@ -12,6 +12,7 @@ from .cluster import ClusterConfig
 from .data import DatasetConfig, Name, StorageConfig, Uri, check_uri
 from .embedding import EmbeddingConfig
 from .model import ModelConfig
+from .w8a16 import W8A16Config
 
 Workers = Annotated[int, Field(ge=1, le=4096)]
 
@@ -113,6 +114,9 @@ class TrainSpec(StrictModel):
     # tables are the dataset schema's; `sparse` says how workers train them.
     embedding: Optional[EmbeddingConfig] = None
     sparse: SparseTraining = SparseTraining()
+    # Present = the artifact also carries W8A16 weights of the best model (`w8a16.pt`), loaded with
+    # `load_artifact(uri, quant="w8a16")`; the float weights stay the reference.
+    quantize: Optional[W8A16Config] = None
     # Where the run happens when the spec is run alone (inside a pipeline, the pipeline's cluster).
     cluster: ClusterConfig = ClusterConfig()
 
