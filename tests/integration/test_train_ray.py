@@ -90,6 +90,7 @@ def test_two_workers_train_publish_and_round_trip(uninterrupted, tiny_dataset, c
     assert metrics["test"]["auc"] > 0.6 and metrics["test"]["rows"] == 300 and {"auc_warm", "auc_cold"} <= set(metrics["test"])
     report = json.loads((out / "report.json").read_text())
     assert [h["epoch"] for h in report["history"]] == list(range(1, metrics["epochs_run"] + 1))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # pixels: tests/unit/test_train_curves.py
     # checkpoints: the newest `keep` under the run folder, each complete
     cks = sorted(p.name for p in (out / "checkpoints" / "train").glob("checkpoint-*"))
     assert len(cks) == 2 and cks[-1].endswith("-1"), cks

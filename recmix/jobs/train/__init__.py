@@ -35,12 +35,13 @@ from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.train import TrainSpec
 
-from . import artifact, state
+from . import artifact, curves, state
 from .data import SplitArrays, to_arrays
 from .loop import ArrayFeed, FitResult, LocalContext, fit, make_optimizer, train_step  # noqa: F401  (train_step: the public unit)
 from .progress import Progress, TrainGauges
 
 COMPLETE = "_recmix_complete.json"   # written into the run folder once the artifact is published
+CURVES = "curves.png"                # train loss and valid AUC per epoch (curves.py)
 PREDICTIONS = "test_predictions.npy"  # (N_test, K) float32 probabilities of the best epoch, in the test split's row order
 
 
@@ -121,10 +122,11 @@ def _write_outputs(spec: TrainSpec, res: TrainResult, log) -> None:
               "train_samples_per_s": res.train_samples_per_s, "valid": res.valid, "test": res.test,
               "artifact": res.artifact}
     storage.write_bytes_atomic(fs, storage.join(root, "report.json"), json.dumps(report, indent=2, default=float).encode())
+    storage.write_bytes_atomic(fs, storage.join(root, CURVES), curves.png_bytes(curves.render(res.history, res.best_epoch)))
     buf = io.BytesIO()
     np.save(buf, np.asarray(res.test_probs, np.float32), allow_pickle=False)
     storage.write_bytes_atomic(fs, storage.join(root, PREDICTIONS), buf.getvalue())
-    log(f"[train] wrote {spec.output}/metrics.json, report.json, {PREDICTIONS} and model.pt")
+    log(f"[train] wrote {spec.output}/metrics.json, report.json, {CURVES}, {PREDICTIONS} and model.pt")
 
 
 # --- the Ray Train run ------------------------------------------------------------------------------------
