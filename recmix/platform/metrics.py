@@ -50,6 +50,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("recmix_serve_unknown_ids", "counter", "serve", ("component",), "ids outside the training vocabulary"),
     Metric("recmix_serve_candidates", "counter", "serve", ("component",), "candidates scored (batch size = candidates / requests)"),
     Metric("recmix_serve_latency_s", "histogram", "serve", ("component",), "rank request latency inside the replica"),
+    Metric("recmix_serve_model", "gauge", "serve", ("component", "version"), "1 for the model version a replica serves"),
     # data preparation (recmix/jobs/prepare: the synthetic chunk tasks; the driver for MovieLens / parquet)
     Metric("recmix_prepare_rows", "counter", "prepare", _GROUP, "rows written; group: the dataset's name"),
     Metric("recmix_prepare_rows_per_s", "gauge", "prepare", _GROUP, "rows per second of the latest chunk task"),

@@ -154,7 +154,7 @@ def test_metrics_exported_with_component_serve(served):
 
     port = ray.nodes()[0]["MetricsExportPort"]
     want = {"ray_recmix_serve_requests", "ray_recmix_serve_user_cache", "ray_recmix_serve_candidates",
-            "ray_recmix_serve_latency_s"}
+            "ray_recmix_serve_latency_s", "ray_recmix_serve_model"}
     deadline, seen = time.time() + 45, {}
     while time.time() < deadline:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -166,6 +166,7 @@ def test_metrics_exported_with_component_serve(served):
             break
         time.sleep(1)
     assert want <= names, sorted(seen)
+    assert seen["ray_recmix_serve_model"].get("version"), seen["ray_recmix_serve_model"]
 
 
 def test_w8a16_replica_serves_scores_close_to_the_float_model(served, tmp_path):

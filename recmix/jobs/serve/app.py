@@ -59,7 +59,7 @@ class Metrics:
     """`ray.util.metrics`, tag component="serve" (exported as ray_recmix_serve_*)."""
 
     def __init__(self):
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         tags = ("component", "status")
         self.requests = Counter("recmix_serve_requests", description="rank requests by HTTP status", tag_keys=tags)
@@ -71,7 +71,11 @@ class Metrics:
         self.latency = Histogram("recmix_serve_latency_s", description="rank request latency inside the replica",
                                  boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
                                  tag_keys=("component",))
-        for m in (self.requests, self.cache, self.unknown, self.candidates, self.latency):
+        # 1 for the version this replica serves; set again on every request because Ray's metrics agent drops
+        # a gauge not set for ~20 s (docs/log.md), so an idle replica's series may lapse until its next request
+        self.model = Gauge("recmix_serve_model", description="the model version a replica serves (value 1)",
+                           tag_keys=("component", "version"))
+        for m in (self.requests, self.cache, self.unknown, self.candidates, self.latency, self.model):
             m.set_default_tags({"component": "serve"})
 
 
@@ -109,6 +113,7 @@ class Ranker:
         self.codec = FeatureCodec(_schema(doc))
         self.scorer = Scorer(model, doc["version"], UserCache(self.spec.cache.size, self.spec.cache.ttl_s))
         self.metrics = Metrics()
+        self.metrics.model.set(1.0, tags={"version": self.scorer.version})
         b = self.spec.batching
         self.batched.set_max_batch_size(b.max_batch_size)
         self.batched.set_batch_wait_timeout_s(b.wait_s)
@@ -121,6 +126,7 @@ class Ranker:
         resp = await self._http_rank(request)
         self.metrics.requests.inc(1.0, tags={"status": str(resp.status_code)})
         self.metrics.latency.observe(time.perf_counter() - t0)
+        self.metrics.model.set(1.0, tags={"version": self.scorer.version})
         return resp
 
     async def _http_rank(self, request: Request) -> JSONResponse:
