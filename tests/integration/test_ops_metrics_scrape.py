@@ -18,9 +18,10 @@ from recmix.platform import metrics
 from tests.unit.test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
 
 pytestmark = pytest.mark.slow
-# Only the admission filter's rejections are not exercised here (the serve metrics: test_serve_http.py).
+# The serve metrics are scraped in test_serve_http.py.
 EXPECTED = ["recmix_prepare_rows", "recmix_prepare_rows_per_s", "recmix_ps_rows", "recmix_ps_hit_rate",
-            "recmix_ps_admissions", "recmix_ps_evictions", "recmix_ps_expiries", "recmix_ps_latency_s"]
+            "recmix_ps_admissions", "recmix_ps_rejections", "recmix_ps_evictions", "recmix_ps_expiries",
+            "recmix_ps_latency_s"]
 TRAIN = ["recmix_train_step", "recmix_train_loss", "recmix_train_samples_per_s", "recmix_train_valid_auc"]
 
 
@@ -53,14 +54,17 @@ def test_prepare_and_shards_export_their_documented_metrics(ray_cluster, tmp_pat
     run(spec, ClusterConfig())
     write_source(tmp_path / "src", n=2000)   # a parquet source is written by the driver, not by chunk tasks
     run(parquet_spec(tmp_path / "src", tmp_path / "scrape-pq"), ClusterConfig())
-    # 2 shards of 16 RAM rows: 40 ids in requests of 10 evict; 3 pass ends expire rows unseen for > 1 pass
+    # 2 shards of 16 RAM rows: 40 ids in requests of 10 evict; 3 pass ends expire rows unseen for > 1 pass;
+    # an id is admitted on its second pull, so each first pull is a rejection
     cfg = EmbeddingConfig(name=f"m{uuid.uuid4().hex[:8]}", lmdb_path=str(tmp_path / "lmdb"), ram_rows=16, num_cpus=0.1,
-                          expiry={"policy": "passes", "after": 1})
+                          expiry={"policy": "passes", "after": 1},
+                          admission={"policy": "occurrence", "threshold": 2, "filter_slots": 1024})
     group = create_group(cfg, {"user": 4}, namespace=f"scrape-{uuid.uuid4().hex[:8]}")
     try:
         client = group.client()
         for lo in range(0, 40, 10):
             ids = np.arange(lo, lo + 10, dtype=np.int64)
+            client.pull({"user": ids})
             client.pull({"user": ids})
             client.push({"user": (ids, np.ones((10, 4), np.float32))})
         expired = sum(a["expired"] for _ in range(3) for a in client.end_pass())
@@ -84,7 +88,7 @@ def test_prepare_and_shards_export_their_documented_metrics(ray_cluster, tmp_pat
         assert float(_lines(text, "recmix_prepare_rows_per_s", "scrape-pq")[0].rsplit(" ", 1)[1]) > 0
         ps = _lines(text, "recmix_ps_rows", cfg.name)
         assert ps and 'component="ps"' in ps[0], [ln for ln in text.splitlines() if ln.startswith("ray_recmix_ps_rows{")][:3]
-        for counter in ("recmix_ps_evictions", "recmix_ps_expiries"):
+        for counter in ("recmix_ps_evictions", "recmix_ps_expiries", "recmix_ps_rejections", "recmix_ps_admissions"):
             values = [float(ln.rsplit(" ", 1)[1]) for ln in _lines(text, counter, cfg.name)]
             assert values and sum(values) > 0, (counter, values)
     finally:
