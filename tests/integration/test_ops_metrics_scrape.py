@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 EXPECTED = ["recmix_prepare_rows", "recmix_prepare_rows_per_s", "recmix_ps_rows", "recmix_ps_hit_rate",
             "recmix_ps_admissions", "recmix_ps_rejections", "recmix_ps_evictions", "recmix_ps_expiries",
             "recmix_ps_latency_s"]
-TRAIN = ["recmix_train_step", "recmix_train_loss", "recmix_train_samples_per_s", "recmix_train_valid_auc"]
+TRAIN = ["recmix_train_step", "recmix_train_epoch", "recmix_train_loss", "recmix_train_train_loss",
+         "recmix_train_samples_per_s", "recmix_train_valid_auc"]
 
 
 def _scrape(port: int) -> str:

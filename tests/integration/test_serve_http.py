@@ -152,9 +152,13 @@ def test_metrics_exported_with_component_serve(served):
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
+    url = served[0]
+    body = request_rows(3, seed=9, user=4)
+    body["candidates"][0]["item_id"] = 10_000     # outside the training vocabulary (40): the unknown path
+    assert post(url, body).status_code == 200
     port = ray.nodes()[0]["MetricsExportPort"]
     want = {"ray_recmix_serve_requests", "ray_recmix_serve_user_cache", "ray_recmix_serve_candidates",
-            "ray_recmix_serve_latency_s", "ray_recmix_serve_model"}
+            "ray_recmix_serve_latency_s", "ray_recmix_serve_model", "ray_recmix_serve_unknown_ids"}
     deadline, seen = time.time() + 45, {}
     while time.time() < deadline:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
