@@ -163,3 +163,35 @@ def test_bench_lmn_runs_on_small_shapes(ray_cluster):
     r = rep.results
     assert r["n4096"]["flat_ms"] > 0 and r["footprint"]["n"] == 4096 and r["footprint"]["values_mb"] == 1.0
     assert set(r) >= {"flat_over_pk_at_max", "pk_growth", "sharded_over_local_max"}
+
+
+def test_memory_shards_export_metrics_tagged_by_their_group(ray_cluster):
+    """The memory group's series carry its own group name, so they never collide with an embedding group's."""
+    import urllib.request
+
+    ns = f"lmn-metrics-{uuid.uuid4().hex[:8]}"
+    name = f"mem_{uuid.uuid4().hex[:6]}"
+    group = create_memory_group(MemoryShardConfig(name=name, shards=2, optimizer={"kind": "sgd", "lr": 1.0}), TABLES,
+                                namespace=ns)
+    try:
+        client = group.client()
+        port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+        found: dict[str, list[str]] = {}
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            ids = np.arange(0, N, 7, dtype=np.int64)
+            client.pull({T: ids})
+            client.push({T: (ids, np.ones((ids.size, E), np.float32))})
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            found = {m: [ln for ln in text.splitlines() if ln.startswith(m + "{") and f'group="{name}"' in ln]
+                     for m in ("ray_recmix_ps_rows", "ray_recmix_ps_latency_s_count")}
+            if all(found.values()):
+                break
+            time.sleep(2)
+        client.close()
+        assert all(found.values()), found
+        shards = {ln.split('shard="')[1].split('"')[0] for ln in found["ray_recmix_ps_rows"]}
+        assert shards == {"0", "1"} and all('component="ps"' in ln for ln in found["ray_recmix_ps_rows"]), found
+    finally:
+        group.destroy()
