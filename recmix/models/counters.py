@@ -19,7 +19,8 @@ from recmix.platform.specs.model import (DTSICoupling, GlobalToken, MoEPositions
                                          Tokenizer)
 from recmix.platform.specs.ugsep import GlobalTokenSide, ICMode, ICProj
 
-from .derived import build_derived, derived_tables
+from .derived import derived_tables
+from .derived_registry import build_derived
 from .embedding import feature_widths, tables_from_schema
 from .tokenizers import ordered_features
 

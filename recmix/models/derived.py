@@ -39,23 +39,6 @@ class DerivedFeature(nn.Module):
         return self._last_loss
 
 
-def build_derived(cfg, schema) -> list[DerivedFeature]:
-    """Every derived feature a model config asks for, checked against the schema."""
-    out: list[DerivedFeature] = []
-    for builder in _builders():
-        out += builder(cfg, schema)
-    check_derived(out, schema)
-    return out
-
-
-def _builders():
-    """The components that add derived features (imported lazily: they import this module)."""
-    from .lmn import build_memory
-    from .sequence import build_sequence_tokens
-
-    return [build_sequence_tokens, build_memory]
-
-
 def check_derived(derived: list[DerivedFeature], schema) -> None:
     inputs = {f.name for f in schema.inputs}
     groups = {g.name for g in schema.groups}

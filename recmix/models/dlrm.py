@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import ModelOutput, RankingModel, TaskHeads
-from .derived import build_derived
+from .derived_registry import build_derived
 
 
 class DLRMMLP(RankingModel):

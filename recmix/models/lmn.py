@@ -21,6 +21,7 @@ from torch import nn
 from recmix.platform.specs.data import FeatureType, GroupSide
 from recmix.platform.specs.memory import MemoryConfig, QueryNorm
 
+from .derived import DerivedFeature
 from .embedding import EmbeddingLookup, TableSpec
 
 # The value table's name in every lookup backend (local tables, memory shards, the artifact snapshot).
@@ -124,7 +125,7 @@ def _rows(lookup: EmbeddingLookup, table: str, ids_Q: torch.Tensor, dim: int) ->
     return rows_QE.new_zeros((ids_Q.shape[0], dim)).index_put((ok_Q,), rows_QE)
 
 
-class MemoryReadout(nn.Module):
+class MemoryReadout(DerivedFeature):
     """LMN as a user-side derived feature: one memory read per behaviour of the user's sequence, the reads
     mean-pooled over the non-padded positions into a (B, d_value) vector of the sequence's group.
 
@@ -135,15 +136,11 @@ class MemoryReadout(nn.Module):
     saved with the model); e_b, e_u and a_b still train through the ranking loss. The LayerNorm (no affine)
     makes the target scale-free: embedding rows start at std 0.01, where an unnormalised target puts the
     loss at ~1e-5 and lambda_mem would mean nothing.
-
-    It has the interface of `recmix.models.derived.DerivedFeature` without subclassing it: derived.py
-    imports this module to build it, and an import back would be a cycle.
     """
 
     def __init__(self, cfg: MemoryConfig, schema):
         super().__init__()
         self.cfg = cfg
-        self._last_loss: torch.Tensor | None = None
         seq = _feature(schema, cfg.sequence, "memory.sequence")
         if seq.type is not FeatureType.sequence:
             raise ValueError(f"memory.sequence '{seq.name}' must be a sequence feature, got type {seq.type.value}")
@@ -190,10 +187,6 @@ class MemoryReadout(nn.Module):
             y_QV = F.layer_norm(torch.cat([x_QI, *a], -1) @ self.w_y_YV, (self.cfg.d_value,)).detach()
             self._last_loss = self.cfg.lambda_mem * F.smooth_l1_loss(m_QV, y_QV, beta=self.cfg.smooth_l1_beta)
         return out_BV
-
-    def loss(self) -> torch.Tensor | None:
-        """lambda_mem * memory loss of the last training forward (None in eval or with no behaviour)."""
-        return self._last_loss
 
     @staticmethod
     def _user(f, batch: dict[str, torch.Tensor], lookup: EmbeddingLookup, training: bool) -> torch.Tensor:

@@ -13,9 +13,8 @@ width, A concatenated attribute embedding width, W position width, Q attention q
 * `TargetAttention` (candidate side): the candidate's item row q_BE is the query; score_j =
   MLP([q, e_j, q * e_j, p_j]); softmax (normalized) or sigmoid gates (mean over valid positions, DIN's
   unnormalized weights); output sum_j a_j p_j. An empty history gives 0.
-Both read only their declared raw columns (`inputs`), so UG-Sep can place them by side. They have the
-interface of `recmix.models.derived.DerivedFeature` without subclassing it (derived.py imports this module
-to build them: an import back would be a cycle).
+Both read only their declared raw columns (`inputs`), so UG-Sep can place them by side; both are
+`recmix.models.derived.DerivedFeature`s without a loss of their own.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from torch import nn
 
 from recmix.platform.specs.data import FeatureSchema, SeqPool, TargetAttention
 
+from .derived import DerivedFeature
 from .embedding import feature_widths
 from .token_layers import mlp
 
@@ -78,20 +78,7 @@ def masked_softmax(s_BXL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
     return a * m
 
 
-class _Derived(nn.Module):
-    """The DerivedFeature interface: name, group, width, inputs, tables, loss()."""
-
-    name: str
-    group: str
-    width: int
-    inputs: tuple[str, ...]
-    tables: dict = {}   # no tables of their own: the schema's item and attribute tables
-
-    def loss(self) -> None:
-        return None
-
-
-class SequencePools(_Derived):
+class SequencePools(DerivedFeature):
     """User-side vector of the sequence: the configured pools, concatenated, and the normalized length.
     Name `<sequence>_pooled`, in the sequence's group; reads the sequence and its attributes only."""
 
@@ -129,7 +116,7 @@ class SequencePools(_Derived):
         return torch.cat(out + [length_B1], -1)
 
 
-class TargetAttentionPool(_Derived):
+class TargetAttentionPool(DerivedFeature):
     """Candidate-side vector: the target item's attention over the sequence positions (DIN-style).
     Name `<sequence>_target`, in the target feature's (candidate-side) group."""
 

@@ -30,7 +30,7 @@ from recmix.platform.specs.model import AuxLossConfig, AuxMode, GlobalToken
 from recmix.platform.specs.ugsep import GlobalTokenSide, ICMode, UserAggregation
 
 from .base import ModelOutput, RankingModel, TaskHeads
-from .derived import build_derived
+from .derived_registry import build_derived
 from .tokenizers import build_tokenizer
 from .ugsep import SideTokenizer, UserState, concat, rows, split_features, unique_users
 from .ugsep_ic import InformationCompensation

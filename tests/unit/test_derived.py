@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-import recmix.models.derived as derived_mod
+import recmix.models.derived_registry as registry
 from recmix.models.build import build_model
 from recmix.models.derived import DerivedFeature
 from recmix.models.toy import toy_batch, toy_schema
@@ -62,7 +62,7 @@ class BadUserSide(DerivedFeature):
 @pytest.fixture
 def derived(monkeypatch):
     chosen: list = []
-    monkeypatch.setattr(derived_mod, "_builders", lambda: [lambda cfg, schema: [cls() for cls in chosen]])
+    monkeypatch.setattr(registry, "_builders", lambda: [lambda cfg, schema: [cls() for cls in chosen]])
     return chosen
 
 
