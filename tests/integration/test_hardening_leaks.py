@@ -85,8 +85,14 @@ SCRIPT = textwrap.dedent("""
     spec = load_spec(sys.argv[1])
     with cluster.cluster(ClusterConfig(num_cpus=2)):
         run(spec, ClusterConfig(num_cpus=2))
+        import time
         from ray.util.state import list_tasks
-        tasks = list_tasks(address=cluster.dashboard_url(), detail=True, limit=10000)
+        deadline = time.monotonic() + 30   # task events reach the state API asynchronously (about every second)
+        while True:
+            tasks = list_tasks(address=cluster.dashboard_url(), detail=True, limit=10000)
+            if tasks or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         envs = [str(getattr(t, "runtime_env_info", "")) for t in tasks]
         session = pathlib.Path(ray._private.worker._global_node.get_session_dir_path())
         files = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink()]
