@@ -30,10 +30,15 @@ def write_artifact(root: str, version: str = "v1", seed: int = 0, model: dict | 
     d = os.path.join(root, version)
     os.makedirs(d, exist_ok=True)
     torch.save(m.state_dict(), os.path.join(d, fmt.DENSE))
-    doc = {"format": fmt.FORMAT, "version": version, "created_utc": "2026-01-01T00:00:00Z", "model": spec,
-           "features": schema.model_dump(mode="json"), "dense": fmt.DENSE, "embeddings": None,
+    return _write_doc(root, version, spec, schema, None)
+
+
+def _write_doc(root: str, version: str, model: dict, schema, embeddings: str | None) -> str:
+    """artifact.json of <root>/<version>, then <root>/LATEST; returns root."""
+    doc = {"format": fmt.FORMAT, "version": version, "created_utc": "2026-01-01T00:00:00Z", "model": model,
+           "features": schema.model_dump(mode="json"), "dense": fmt.DENSE, "embeddings": embeddings,
            "metrics": {"test": {"auc": 0.5}}}
-    with open(os.path.join(d, fmt.DOC), "w") as f:
+    with open(os.path.join(root, version, fmt.DOC), "w") as f:
         json.dump(doc, f)
     with open(os.path.join(root, fmt.LATEST), "w") as f:
         f.write(version + "\n")
@@ -100,11 +105,4 @@ def write_ps_artifact(root: str, version: str = "v1", seed: int = 0) -> str:
         files.append({"table": name, "file": f"{name}.npz"})
     with open(os.path.join(d, "embeddings", "manifest.json"), "w") as f:
         json.dump({"files": files}, f)
-    doc = {"format": fmt.FORMAT, "version": version, "created_utc": "2026-01-01T00:00:00Z", "model": MODEL,
-           "features": schema.model_dump(mode="json"), "dense": fmt.DENSE, "embeddings": "embeddings",
-           "metrics": {"test": {"auc": 0.5}}}
-    with open(os.path.join(d, fmt.DOC), "w") as f:
-        json.dump(doc, f)
-    with open(os.path.join(root, fmt.LATEST), "w") as f:
-        f.write(version + "\n")
-    return root
+    return _write_doc(root, version, MODEL, schema, "embeddings")

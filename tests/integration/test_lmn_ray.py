@@ -17,25 +17,12 @@ from recmix.actors.group import attach, attach_lookup, create_memory_group
 from recmix.actors.memory import MemoryShardConfig
 from recmix.models.embedding import TableSpec
 
+from tests.integration.test_ps_ray import _kill_and_wait   # the same actor class: kill by pid, wait for its restart
 from tests.unit.test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
 
 T = "lmn_values"
 N, E = 2000, 8
 TABLES = {T: TableSpec(T, N, E, False)}
-
-
-def _kill_and_wait(shard) -> None:
-    old = ray.get(shard.pid.remote())
-    ray.kill(shard, no_restart=False)
-    deadline = time.time() + 60
-    while True:
-        try:
-            if ray.get(shard.pid.remote(), timeout=10) != old:
-                return
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-        assert time.time() < deadline, "memory shard did not come back"
-        time.sleep(0.05)
 
 
 def test_memory_group_restart_reshard_attach_and_cleanup(ray_cluster, tmp_path):
