@@ -87,6 +87,13 @@ class LocalEmbeddingLookup(EmbeddingLookup):
         return self.emb[table](ids)
 
 
+def masked_rows(lookup: EmbeddingLookup, table: str, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `(..., E)` of `ids` of any shape, zero where the id is padding (< 0): padding never reaches `lookup`."""
+    mask = ids >= 0
+    rows_NE = lookup.lookup(table, ids[mask])
+    return rows_NE.new_zeros((*ids.shape, rows_NE.shape[-1])).index_put((mask,), rows_NE)
+
+
 def tables_from_schema(schema) -> dict[str, TableSpec]:
     """One TableSpec per distinct table of a FeatureSchema (features may share a table)."""
     out: dict[str, TableSpec] = {}
@@ -128,10 +135,7 @@ class FeatureEncoder(nn.Module):
                 out[f.name] = self.lookup.lookup(f.table_name, x)
             else:
                 mask_BL = x >= 0
-                rows_NE = self.lookup.lookup(f.table_name, x[mask_BL])
-                full_BLE = rows_NE.new_zeros((*x.shape, rows_NE.shape[-1]))
-                full_BLE = full_BLE.index_put((mask_BL,), rows_NE)
-                pooled_BE = full_BLE.sum(1)
+                pooled_BE = masked_rows(self.lookup, f.table_name, x).sum(1)
                 if self.seq_pooling is SeqPooling.mean:
                     pooled_BE = pooled_BE / mask_BL.sum(1, keepdim=True).clamp(min=1).to(pooled_BE.dtype)
                 out[f.name] = pooled_BE

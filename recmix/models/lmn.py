@@ -22,7 +22,7 @@ from recmix.platform.specs.data import FeatureType, GroupSide
 from recmix.platform.specs.memory import MemoryConfig, QueryNorm
 
 from .derived import DerivedFeature
-from .embedding import EmbeddingLookup, TableSpec
+from .embedding import EmbeddingLookup, TableSpec, masked_rows
 
 # The value table's name in every lookup backend (local tables, memory shards, the artifact snapshot).
 VALUE_TABLE = "lmn_values"
@@ -118,13 +118,6 @@ class ProductKeyMemory(nn.Module):
         return (w_AQK.unsqueeze(-2) @ v_AQKV).squeeze(-2).sum(0)
 
 
-def _rows(lookup: EmbeddingLookup, table: str, ids_Q: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows of `ids_Q`, zero where the id is padding (< 0): padding ids never reach the lookup."""
-    ok_Q = ids_Q >= 0
-    rows_QE = lookup.lookup(table, ids_Q[ok_Q])
-    return rows_QE.new_zeros((ids_Q.shape[0], dim)).index_put((ok_Q,), rows_QE)
-
-
 class MemoryReadout(DerivedFeature):
     """LMN as a user-side derived feature: one memory read per behaviour of the user's sequence, the reads
     mean-pooled over the non-padded positions into a (B, d_value) vector of the sequence's group.
@@ -172,7 +165,7 @@ class MemoryReadout(DerivedFeature):
         ids_BS = batch[self.seq.name]
         valid_BS = ids_BS >= 0
         b_Q, s_Q = (valid_BS if self.cfg.mask_padding else torch.ones_like(valid_BS)).nonzero(as_tuple=True)
-        e_b_QE = _rows(lookup, self.seq.table_name, ids_BS[b_Q, s_Q], int(self.seq.embedding_dim))
+        e_b_QE = masked_rows(lookup, self.seq.table_name, ids_BS[b_Q, s_Q])
         e_u_BU = torch.cat([self._user(f, batch, lookup, self.training) for f in self.users], -1) if self.users \
             else e_b_QE.new_zeros((ids_BS.shape[0], 0))
         x_QI = torch.cat([e_b_QE, e_u_BU[b_Q]], -1)
@@ -183,7 +176,7 @@ class MemoryReadout(DerivedFeature):
         out_BV = sum_BV / valid_BS.sum(1, keepdim=True).clamp(min=1).to(sum_BV.dtype)
         self._last_loss = None
         if self.training and self.cfg.lambda_mem > 0 and m_QV.shape[0]:
-            a = [_rows(lookup, f.table_name, batch[f.name][b_Q, s_Q], int(f.embedding_dim)) for f in self.side]
+            a = [masked_rows(lookup, f.table_name, batch[f.name][b_Q, s_Q]) for f in self.side]
             y_QV = F.layer_norm(torch.cat([x_QI, *a], -1) @ self.w_y_YV, (self.cfg.d_value,)).detach()
             self._last_loss = self.cfg.lambda_mem * F.smooth_l1_loss(m_QV, y_QV, beta=self.cfg.smooth_l1_beta)
         return out_BV

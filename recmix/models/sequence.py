@@ -27,7 +27,7 @@ from torch import nn
 from recmix.platform.specs.data import FeatureSchema, SeqPool, TargetAttention
 
 from .derived import DerivedFeature
-from .embedding import feature_widths
+from .embedding import feature_widths, masked_rows
 from .token_layers import mlp
 
 NEG = -1e30   # masked score: exp underflows to exactly 0
@@ -54,21 +54,16 @@ class PositionEncoder(nn.Module):
         """(e_BLE item rows, p_BLW positions, mask_BL); padding rows are 0 and never reach `lookup`."""
         ids_BL = batch[self.seq]
         mask_BL = ids_BL >= 0
-        e_BLE = _rows(lookup, self.table, ids_BL, mask_BL)
+        e_BLE = masked_rows(lookup, self.table, ids_BL)
         parts = [e_BLE]
         for name, table in self.attrs:
             a_BL = batch[name]
             if a_BL.shape != ids_BL.shape or not torch.equal(a_BL >= 0, mask_BL):
                 raise ValueError(f"sequence '{name}' is not aligned with '{self.seq}' (an attribute needs one value per "
                                  f"position): shapes {tuple(a_BL.shape)} vs {tuple(ids_BL.shape)}")
-            parts.append(_rows(lookup, table, a_BL, mask_BL))
+            parts.append(masked_rows(lookup, table, a_BL))
         p_BLW = self.mlp(torch.cat(parts, -1)) * mask_BL.unsqueeze(-1)
         return e_BLE, p_BLW, mask_BL
-
-
-def _rows(lookup, table: str, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
-    rows_NE = lookup.lookup(table, ids_BL[mask_BL])
-    return rows_NE.new_zeros((*ids_BL.shape, rows_NE.shape[-1])).index_put((mask_BL,), rows_NE)
 
 
 def masked_softmax(s_BXL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
