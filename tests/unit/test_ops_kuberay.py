@@ -14,7 +14,7 @@ import yaml
 from recmix.jobs import k8s
 
 REPO = Path(__file__).resolve().parents[2]
-CRDS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+CRDS = REPO / "tests" / "data" / "kuberay-v1.7.0"   # the CRD schemas of KubeRay v1.7.0 (Apache-2.0), vendored
 PLURAL = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
 # what deploy/kuberay was generated with (a RayService's spec is expanded at generation: pods need remote URIs)
 EXAMPLE_ENV = {"RECMIX_ML100K": "s3://recmix-data/ml-100k.zip", "RECMIX_ARTIFACTS": "s3://recmix-artifacts"}
