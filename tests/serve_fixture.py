@@ -13,8 +13,8 @@ from recmix.models.build import build_model
 from recmix.models.toy import toy_schema
 from recmix.platform.specs.model import ModelConfig
 
-MODEL = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", n_tokens=4, d_model=16, n_layers=2,
-             ffn_mult=2.0, ugsep={"user_tokens": "1:1"})
+MODEL = dict(arch="tokenmixer_large", tokenizer="chunk_per_token", global_token="mlp", n_tokens=4, d_model=16,
+             n_layers=2, ffn_mult=2.0, ugsep={"user_tokens": "1:1"})
 
 
 def write_artifact(root: str, version: str = "v1", seed: int = 0, model: dict | None = None,

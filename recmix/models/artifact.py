@@ -52,6 +52,22 @@ def read_doc(uri: str, storage_cfg: Optional[StorageConfig] = None) -> dict:
     return doc
 
 
+# Model fields whose default changed between releases (TokenMixer-Large's tokenizer and the defaults that follow
+# it): `model` holds only the fields the spec set, so an unset one is read from `model_resolved`, as trained.
+_PINNED = ("tokenizer", "global_token", "n_tokens")
+
+
+def model_config(doc: dict):
+    """The artifact's validated model config, with the defaults it was trained with."""
+    from pydantic import TypeAdapter
+
+    from recmix.platform.specs.model import ModelConfig
+
+    resolved = doc.get("model_resolved") or {}
+    pinned = {k: resolved[k] for k in _PINNED if k in resolved and k not in doc["model"]}
+    return TypeAdapter(ModelConfig).validate_python({**doc["model"], **pinned})
+
+
 def load_artifact(uri: str, storage_cfg: Optional[StorageConfig] = None, device: str | torch.device = "cpu",
                   quant: Optional[str] = None, backend: Optional[str] = None):
     """The trained model, rebuilt from its spec and schema, weights loaded strictly, in eval mode.
@@ -59,16 +75,12 @@ def load_artifact(uri: str, storage_cfg: Optional[StorageConfig] = None, device:
     `uri` is an artifact root (its LATEST version is taken) or one version folder. `model.artifact` holds
     the artifact.json document (metrics, schema, packages). `quant="w8a16"` loads the artifact's W8A16
     weights (a run with `quantize:`) into quantized layers; `backend` picks their kernel (default auto)."""
-    from pydantic import TypeAdapter
-
-    from recmix.platform.specs.model import ModelConfig
-
     from .build import build_model
 
     uri = resolve_version(uri, storage_cfg)
     doc = read_doc(uri, storage_cfg)
     schema = FeatureSchema.model_validate(doc["features"])
-    cfg = TypeAdapter(ModelConfig).validate_python(doc["model"])
+    cfg = model_config(doc)
     fs, root = storage.resolve(uri, storage_cfg)
     state = torch.load(io.BytesIO(storage.read_bytes(fs, storage.join(root, doc["dense"]))), weights_only=True,
                        map_location="cpu")

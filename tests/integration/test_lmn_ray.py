@@ -81,8 +81,8 @@ def _spec(uri, out, **extra):
 
     return JOB_ADAPTER.validate_python(dict(
         kind="train", dataset=dict(uri=uri), output=str(out), epochs=1, batch_size=64, seed=0, threads=1,
-        optimizer=dict(name="adamw", lr=0.01), model=dict(arch="tokenmixer_large", d_model=16, n_heads=4,
-                                                          n_layers=2, memory=MEMORY),
+        optimizer=dict(name="adamw", lr=0.01), model=dict(arch="tokenmixer_large", tokenizer="group_mlp",
+                                                          d_model=16, n_heads=4, n_layers=2, memory=MEMORY),
         embedding=dict(name="lmnps", shards=2, lmdb_path=str(out / "lmdb")), **extra))
 
 

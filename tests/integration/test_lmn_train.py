@@ -26,7 +26,7 @@ def test_ray_train_with_local_memory_values_publishes_them(ray_cluster, tiny_dat
     spec = JOB_ADAPTER.validate_python(dict(
         kind="train", dataset=dict(uri=str(tiny_dataset)), output=str(out), epochs=1, batch_size=64, seed=0, threads=1,
         optimizer=dict(name="adamw", lr=0.01, weight_decay=0.0), scaling=dict(workers=2),
-        model=dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2, memory=MEMORY)))
+        model=dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=2, memory=MEMORY)))
     summary = run(spec, log=lambda line: None)
     assert summary["world_size"] == 2
     model = load_artifact(str(out / "artifact"))

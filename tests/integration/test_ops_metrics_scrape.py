@@ -107,7 +107,8 @@ def test_a_train_run_exports_its_progress_gauges(ray_cluster, tiny_dataset, tmp_
     spec = JOB_ADAPTER.validate_python(dict(
         kind="train", name=name, dataset=dict(uri=str(tiny_dataset)), output=str(tmp_path / "run"), epochs=1,
         batch_size=64, seed=0, threads=1, optimizer=dict(name="adamw", lr=0.01), early_stopping=dict(patience=1),
-        model=dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2), scaling=dict(workers=[1, 2])))
+        model=dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=2),
+        scaling=dict(workers=[1, 2])))
     seen: dict[str, list[str]] = {m: [] for m in TRAIN}
     done, lines = threading.Event(), []
 

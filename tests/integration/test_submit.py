@@ -68,7 +68,7 @@ stages:
     spec:
       kind: train
       dataset: {{uri: {out}}}
-      model: {{arch: tokenmixer_large, d_model: 16, n_heads: 4, n_layers: 2}}
+      model: {{arch: tokenmixer_large, tokenizer: group_mlp, d_model: 16, n_heads: 4, n_layers: 2}}
       epochs: 1
       batch_size: 256
       threads: 1

@@ -22,7 +22,7 @@ def spec(uri, out, **emb):
     return JOB_ADAPTER.validate_python(dict(
         kind="train", dataset=dict(uri=uri), output=str(out), epochs=3, batch_size=64, seed=0, threads=1,
         optimizer=dict(name="adamw", lr=0.01), early_stopping=dict(patience=1),
-        model=dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2),
+        model=dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=2),
         embedding={**dict(name="trainps", tables=OVERRIDES, shards=2, optimizer={"kind": "rowwise_adagrad", "lr": 0.1},
                           lmdb_path=str(out / "lmdb")), **emb}))
 

@@ -22,7 +22,8 @@ from recmix.platform.specs.job import JOB_ADAPTER
 
 from tests.unit.test_train import tiny_dataset  # noqa: F401  (module fixture: a prepared tiny dataset)
 
-MODEL = dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2, moe=dict(n_experts=4, n_active=2))
+MODEL = dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=2,
+             moe=dict(n_experts=4, n_active=2))
 
 
 def spec_dict(uri, out, **kw) -> dict:

@@ -16,7 +16,7 @@ CFG = TypeAdapter(ModelConfig)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
-    "tml_dense": dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=3),
+    "tml_dense": dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=4, n_layers=3),
     "tml_moe": dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2, moe=dict(n_experts=4, n_active=2, balance_loss="switch")),
     "tml_chunk": dict(arch="tokenmixer_large", tokenizer="chunk_shared", global_token="none", n_tokens=4, d_model=16, n_layers=2),
     "rankmixer": dict(arch="rankmixer", n_tokens=4, d_model=16),

@@ -105,14 +105,64 @@ def test_config_validation(bad, msg):
         CFG.validate_python(bad)
 
 
+@pytest.mark.parametrize("given,want", [
+    (dict(), ("chunk_per_token", "none", 16)),                       # the measured default: chunk tokens, T = 16
+    (dict(tokenizer="group_mlp"), ("group_mlp", "mlp", None)),        # the spec's: T from the schema
+    (dict(tokenizer="chunk_shared"), ("chunk_shared", "none", 16)),
+    (dict(tokenizer="group_mlp", global_token="none", n_tokens=4), ("group_mlp", "none", 4)),   # given values kept
+    (dict(n_tokens=8, ugsep=dict(user_tokens="1:1")), ("chunk_per_token", "none", 8)),
+    (dict(global_token="mlp", ugsep=dict(user_tokens="1:1")), ("chunk_per_token", "mlp", 16)),
+])
+def test_tokenmixer_large_token_defaults_follow_the_tokenizer(given, want):
+    cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, **given))
+    assert (cfg.tokenizer.value, cfg.global_token.value, cfg.n_tokens) == want
+    # an artifact's stored config reads back as trained: the set fields, and the full dump (ugsep refuses a
+    # written-out default ic_rank, so that one is left out)
+    for dump in (cfg.model_dump(mode="json", exclude_unset=True), cfg.model_dump(mode="json", exclude={"ugsep": {"ic_rank"}})):
+        again = CFG.validate_python(dump)
+        assert (again.tokenizer.value, again.global_token.value, again.n_tokens) == want
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(global_token="mlp"), "global_token mlp is built by the group_mlp tokenizer only"),
+    (dict(tokenizer="chunk_shared", n_tokens=None), "tokenizer chunk_shared needs n_tokens"),
+    (dict(tokenizer="bogus"), "tokenizer"),
+])
+def test_tokenmixer_large_token_errors(bad, msg):
+    with pytest.raises(ValidationError, match=msg):
+        CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, **bad))
+
+
+def test_artifact_written_under_the_group_mlp_default_loads_as_group_mlp(tmp_path):
+    """Before chunk tokens became the default an artifact's `model` (the fields the spec set) had no tokenizer;
+    `model_resolved` pins the one it was trained with, so the weights load strictly."""
+    import json
+
+    from recmix.models import artifact as fmt
+    from recmix.models.artifact import load_artifact
+
+    given = dict(arch="tokenmixer_large", d_model=16, n_heads=4, n_layers=2)
+    trained = CFG.validate_python({**given, "tokenizer": "group_mlp"})
+    model = build_model(trained, toy_schema())
+    torch.save(model.state_dict(), tmp_path / fmt.DENSE)
+    doc = {"format": fmt.FORMAT, "model": given, "model_resolved": trained.model_dump(mode="json"),
+           "features": toy_schema().model_dump(mode="json"), "dense": fmt.DENSE, "embeddings": None}
+    (tmp_path / fmt.DOC).write_text(json.dumps(doc))
+    loaded = load_artifact(str(tmp_path))
+    assert loaded.n_tokens == 5 and fmt.model_config(doc) == trained
+    assert fmt.model_config({"model": given}).tokenizer.value == "chunk_per_token"   # a new spec: the new default
+
+
 def test_group_mlp_token_count_checked():
     with pytest.raises(ValueError, match="group_mlp gives 5 tokens"):
-        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_tokens=4, n_heads=4)), toy_schema())
+        build_model(CFG.validate_python(dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_tokens=4,
+                                              n_heads=4)), toy_schema())
     # T = 5 comes from the schema: the config's check_tokens runs at build time, with the same message
     with pytest.raises(ValueError, match=r"n_heads defaults to n_tokens \(5\), which must divide d_model \(16\)"):
-        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16)), toy_schema())
+        build_model(CFG.validate_python(dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16)), toy_schema())
     with pytest.raises(ValueError, match=r"ffn_mult \* mixed-token width T\*D/H = 1.5 \* 5"):
-        build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=16, ffn_mult=1.5)), toy_schema())
+        build_model(CFG.validate_python(dict(arch="tokenmixer_large", tokenizer="group_mlp", d_model=16, n_heads=16,
+                                              ffn_mult=1.5)), toy_schema())
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -158,4 +208,4 @@ def test_tokenmixer_large_has_no_biases_in_blocks_and_mix_has_no_params():
     model = build_model(CFG.validate_python(dict(arch="tokenmixer_large", d_model=16, n_heads=8)), toy_schema())
     for name, p in model.blocks.named_parameters():
         assert "bias" not in name, name
-    assert model.n_heads == 8 and model.n_tokens == 5   # H decoupled from T
+    assert model.n_heads == 8 and model.n_tokens == 16   # H decoupled from T (the default T = 16)

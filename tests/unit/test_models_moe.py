@@ -87,10 +87,12 @@ def _block_params(model) -> int:
     return sum(p.numel() for p in model.blocks.parameters())
 
 
-@pytest.mark.parametrize("T_heads,mode", [(4, "B"), (8, "B"), (2, "C"), (8, "A")])
-def test_tokenmixer_param_count_formula(T_heads, mode):
+@pytest.mark.parametrize("T_heads,mode,tokenizer", [(4, "B", "group_mlp"), (8, "B", "chunk_per_token"), (2, "C", "group_mlp"),
+                                                    (8, "A", "chunk_per_token")])
+def test_tokenmixer_param_count_formula(T_heads, mode, tokenizer):
     D, n, L = 16, 2.0, 3
-    cfg = CFG.validate_python(dict(arch="tokenmixer_large", d_model=D, n_heads=T_heads, n_layers=L, ffn_mult=n, residual_mode=mode))
+    cfg = CFG.validate_python(dict(arch="tokenmixer_large", tokenizer=tokenizer, d_model=D, n_heads=T_heads, n_layers=L,
+                                   ffn_mult=n, residual_mode=mode))
     model = build_model(cfg, toy_schema())
     T, H = model.n_tokens, model.n_heads
     norms = 2 * D if mode != "A" else T * D // H + D

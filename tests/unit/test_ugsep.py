@@ -249,7 +249,7 @@ def test_config_errors_name_the_values():
     with pytest.raises(ValueError, match=r"user heads n_heads\*T_u/n_tokens = 6\*3/4"):
         make(T=4, D=12, H=6, ratio="3:1")
     with pytest.raises(ValueError, match="ugsep tokenizes each side with chunk_per_token"):
-        TypeAdapter(ModelConfig).validate_python(dict(arch="tokenmixer_large", n_tokens=4, ugsep={}))
+        TypeAdapter(ModelConfig).validate_python(dict(arch="tokenmixer_large", tokenizer="group_mlp", n_tokens=4, ugsep={}))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(ratio="3:1"), dict(ic_mode="none", ratio="1:1"),

@@ -129,12 +129,9 @@ class ShardLookup(EmbeddingLookup):
 def load_with_shard_group(uri: str, storage_cfg: Optional[StorageConfig], shards: int, hot_rows: int,
                           cpus: float, device: str = "cpu"):
     """`load_artifact`'s model with its tables read through a new ServingShard group (owned by the caller)."""
-    from pydantic import TypeAdapter
-
-    from recmix.models.artifact import read_doc
+    from recmix.models.artifact import model_config, read_doc
     from recmix.models.build import build_model
     from recmix.platform.specs.data import FeatureSchema
-    from recmix.platform.specs.model import ModelConfig
 
     doc = read_doc(uri, storage_cfg)
     specs = tables(uri, storage_cfg, doc)
@@ -144,8 +141,8 @@ def load_with_shard_group(uri: str, storage_cfg: Optional[StorageConfig], shards
     fs, root = storage.resolve(uri, storage_cfg)
     state = torch.load(io.BytesIO(storage.read_bytes(fs, storage.join(root, doc["dense"]))), weights_only=True,
                        map_location="cpu")
-    model = build_model(TypeAdapter(ModelConfig).validate_python(doc["model"]),
-                        FeatureSchema.model_validate(doc["features"]), ShardLookup(specs, group, hot_rows))
+    model = build_model(model_config(doc), FeatureSchema.model_validate(doc["features"]),
+                        ShardLookup(specs, group, hot_rows))
     model.load_state_dict(state, strict=True)
     model.artifact = doc
     return model.to(device).eval()

@@ -231,10 +231,19 @@ class RankMixerConfig(_Mixer):
         return self
 
 
+# [choice] TokenMixer-Large defaults to chunk tokens (T = 16, no global token), not the spec's group_mlp + global
+# token: group_mlp's few tokens learned slower on planted synthetic data (docs/models.md, "Measured guidance").
+_TML_TOKENS = {Tokenizer.group_mlp: dict(global_token=GlobalToken.mlp),   # n_tokens None: T from the schema
+               Tokenizer.chunk_shared: dict(global_token=GlobalToken.none, n_tokens=16),
+               Tokenizer.chunk_per_token: dict(global_token=GlobalToken.none, n_tokens=16)}
+
+
 class TokenMixerLargeConfig(_Mixer):
     arch: Literal["tokenmixer_large"]
-    tokenizer: Tokenizer = Tokenizer.group_mlp
-    global_token: GlobalToken = GlobalToken.mlp
+    tokenizer: Tokenizer = Tokenizer.chunk_per_token
+    # Unset: none and 16 for chunk tokenizers; mlp and T from the schema for group_mlp (`_tokenizer_defaults`).
+    global_token: GlobalToken = GlobalToken.none
+    n_tokens: Optional[PosInt] = None
     n_layers: Annotated[int, Field(ge=1, le=256)] = 4
     norm: Norm = Norm.rmsnorm
     residual_mode: ResidualMode = ResidualMode.B
@@ -269,6 +278,18 @@ class TokenMixerLargeConfig(_Mixer):
             if self.moe_at(pos) and hid % self.moe.n_experts:
                 raise ValueError(f"moe.n_experts ({self.moe.n_experts}) must divide the {pos.value} pSwiGLU hidden width "
                                  f"ffn_mult*{width} ({hid})")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_defaults(cls, data):
+        """Fill the unset `global_token` / `n_tokens` by tokenizer; a value the spec gives (null included) is kept."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            tokenizer = Tokenizer(data.get("tokenizer", Tokenizer.chunk_per_token))
+        except ValueError:
+            return data   # the field validator reports the bad tokenizer
+        return {**_TML_TOKENS[tokenizer], **data}
 
     @model_validator(mode="after")
     def _check(self) -> "TokenMixerLargeConfig":
