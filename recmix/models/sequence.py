@@ -13,7 +13,9 @@ width, A concatenated attribute embedding width, W position width, Q attention q
 * `TargetAttention` (candidate side): the candidate's item row q_BE is the query; score_j =
   MLP([q, e_j, q * e_j, p_j]); softmax (normalized) or sigmoid gates (mean over valid positions, DIN's
   unnormalized weights); output sum_j a_j p_j. An empty history gives 0.
-Both read only their declared raw columns (`inputs`), so UG-Sep can place them by side; both are
+* `NeighborhoodToken` (candidate side, recmix/models/neighbors.py): fitted item-item similarities of the
+  candidate to the history, summed per attribute value (`tokens.neighbors`).
+All read only their declared raw columns (`inputs`), so UG-Sep can place them by side; all are
 `recmix.models.derived.DerivedFeature`s without a loss of their own.
 """
 
@@ -28,6 +30,7 @@ from recmix.platform.specs.data import FeatureSchema, SeqPool, TargetAttention
 
 from .derived import DerivedFeature
 from .embedding import feature_widths, masked_rows
+from .neighbors import NeighborhoodToken
 from .token_layers import mlp
 
 NEG = -1e30   # masked score: exp underflows to exactly 0
@@ -153,4 +156,6 @@ def build_sequence_tokens(cfg, schema: FeatureSchema) -> list[_Derived]:
             out.append(SequencePools(enc, f.group, tok.pools, tok.attention_queries))
         if tok.target_attention is not TargetAttention.none:
             out.append(TargetAttentionPool(enc, schema, tok.target, widths, tok.target_attention, tok.hidden))
+        if tok.neighbors is not None:
+            out.append(NeighborhoodToken(schema, f.name, tok.neighbors, tok.target))
     return out

@@ -38,8 +38,11 @@ def gap_bucket(seconds):
     return np.minimum(np.floor(np.log2(s)).astype(np.int64), GAP_BUCKETS - 1)
 
 
-# [choice] defaults of the history's position-aware tokens, chosen on ml-100k valid (docs/models.md).
-HISTORY_TOKENS = {"attributes": ["hist_ratings", "hist_gaps"], "target": "item_id"}
+# [choice] defaults of the history's position-aware tokens, chosen on ml-100k valid (docs/models.md): items paired
+# with their rating and time gap, pooled and target-attention tokens, and the item-neighbourhood token (similarities
+# fitted from the training split, summed per history rating).
+HISTORY_TOKENS = {"attributes": ["hist_ratings", "hist_gaps"], "target": "item_id",
+                  "neighbors": {"attribute": "hist_ratings", "user": "user_id"}}
 
 
 def builtin_schema(n_users: int, n_items: int, history_len: int, user_dropout: float = 0.0) -> FeatureSchema:

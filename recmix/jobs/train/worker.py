@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from recmix.models.build import build_model
+from recmix.models.neighbors import fit_columns, fit_derived
 from recmix.platform.dataset import open_dataset
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.train import TrainSpec
@@ -149,7 +150,13 @@ def train_loop_per_worker(config: dict) -> dict:
 
         tables = WorkerTables(spec, ds.schema, config["group"], ctx)
     try:
-        model = build_model(spec.model, ds.schema, tables.lookup if tables else None).to(ctx.device)
+        model = build_model(spec.model, ds.schema, tables.lookup if tables else None)
+        need = fit_columns(model)
+        if need:   # every rank fits the same statistics from the whole training split (deterministic)
+            t = ds.read_split("train", columns=[*need, ds.schema.labels[0].name])
+            fit_derived(model, {c: t.column(c).to_numpy().astype(np.int64) for c in need},
+                        t.column(ds.schema.labels[0].name).to_numpy().astype(np.float32))
+        model = model.to(ctx.device)
         opt = make_optimizer(model, spec.optimizer)
         feed = ShardFeed(spec, ds, ray.train.get_dataset_shard("train"), ctx.rank, ctx.world_size)
         res = fit(wrap(model, ctx), opt, feed, ctx, eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,

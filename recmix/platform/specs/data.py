@@ -77,6 +77,23 @@ class TargetAttention(str, Enum):
     none = "none"
 
 
+class ItemNeighbors(StrictModel):
+    """Item-item neighbourhood of the candidate over the sequence (recmix/models/neighbors.py).
+
+    Before training, each item's `k` most similar items are fitted from the training split (cosine of
+    user-centred labels, shrunk by co-occurrence count / (count + `shrink`)); a row's vector is, per value of
+    `attribute` (the rating), the summed similarity between the candidate and the history positions carrying
+    that value. Training rows use neighbours fitted without their own user's fold (`folds` folds of users by
+    `user`), so a row never sees similarities computed from its own label.
+    """
+
+    attribute: Name                                  # one of the tokens' attributes (categorical, vocab <= 256)
+    user: Name                                       # user-side categorical feature that identifies the row's user
+    k: Annotated[int, Field(ge=1, le=1024)] = 64
+    shrink: Annotated[float, Field(ge=0, le=1e6)] = 10.0
+    folds: Annotated[int, Field(ge=2, le=32)] = 5
+
+
 class SequenceTokens(StrictModel):
     """Position-aware tokens of a `sequence` feature (recmix/models/sequence.py).
 
@@ -94,6 +111,7 @@ class SequenceTokens(StrictModel):
     target_attention: TargetAttention = TargetAttention.softmax
     target: Optional[Name] = None
     hidden: Annotated[int, Field(gt=0, le=4096)] = 32   # target-attention scorer MLP width
+    neighbors: Optional[ItemNeighbors] = None           # candidate-side item-item neighbourhood token (needs target)
 
     @model_validator(mode="after")
     def _check(self) -> "SequenceTokens":
@@ -103,7 +121,12 @@ class SequenceTokens(StrictModel):
         if self.target_attention is not TargetAttention.none and self.target is None:
             raise ValueError(f"sequence tokens: target_attention {self.target_attention.value} needs a target "
                              "(the candidate feature used as the query, e.g. item_id)")
-        if not self.pools and self.target_attention is TargetAttention.none:
+        if self.neighbors is not None and self.target is None:
+            raise ValueError("sequence tokens: neighbors needs a target (the candidate feature, e.g. item_id)")
+        if self.neighbors is not None and self.neighbors.attribute not in self.attributes:
+            raise ValueError(f"sequence tokens: neighbors.attribute '{self.neighbors.attribute}' must be one of the "
+                             f"attributes {[str(a) for a in self.attributes]}")
+        if not self.pools and self.target_attention is TargetAttention.none and self.neighbors is None:
             raise ValueError("sequence tokens: no pools and target_attention none build nothing; remove `tokens`")
         return self
 
@@ -255,6 +278,18 @@ def _check_tokens(f: Feature, by_name: dict[str, Feature], sides: dict[str, Grou
         raise ValueError(f"{where}: target '{t}' must be a categorical feature sharing table '{f.table_name}' with '{f.name}'")
     if sides[tf.group] is not GroupSide.candidate:
         raise ValueError(f"{where}: target '{t}' must sit in a candidate-side group (its group '{tf.group}' is user-side)")
+    nb = f.tokens.neighbors
+    if nb is None:
+        return
+    if tf.vocab_size is None:
+        raise ValueError(f"{where}: neighbors need target '{t}' with a vocab_size (a hashed target has no item rows to fit)")
+    a = by_name[nb.attribute]
+    if a.vocab_size is None or a.vocab_size > 256:
+        raise ValueError(f"{where}: neighbors.attribute '{nb.attribute}' needs a vocab_size <= 256 (one output per value), "
+                         f"got {a.vocab_size}")
+    uf = by_name.get(nb.user)
+    if uf is None or uf.type is not FeatureType.categorical or uf.group is None or sides[uf.group] is not GroupSide.user:
+        raise ValueError(f"{where}: neighbors.user '{nb.user}' must be a categorical feature in a user-side group")
 
 
 class StorageConfig(StrictModel):
