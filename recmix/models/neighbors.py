@@ -22,6 +22,8 @@ Output per row (width V + 1): [sum_j s_j * 1{a_j = v} / (1 + sum_j |s_j|) for ea
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -29,8 +31,7 @@ from recmix.platform.specs.data import FeatureSchema, ItemNeighbors
 
 from .derived import DerivedFeature
 
-MAX_DENSE = 100_000_000   # items x users cells of the dense fit (two float32 matrices, 0.8 GB)
-ROW_CHUNK = 2048          # item rows per similarity block
+BLOCK_CELLS = 1 << 24    # item rows x items of one dense similarity block (64 MiB of float32)
 
 
 def user_fold(users: torch.Tensor | np.ndarray, folds: int):
@@ -86,9 +87,6 @@ class NeighborhoodToken(DerivedFeature):
         if items.size and (items.min() < 0 or items.max() >= N):
             raise ValueError(f"neighbors: '{self.target}' ids must lie in [0, {N}), got {items.min()}..{items.max()}")
         uniq, u_idx = np.unique(users, return_inverse=True)
-        if N * len(uniq) > MAX_DENSE:
-            raise ValueError(f"neighbors: the fit holds an items x users matrix densely; {N} x {len(uniq)} exceeds "
-                             f"{MAX_DENSE:,} cells (use fewer items or users, or no neighbors)")
         fold_of_user = user_fold(uniq, G - 1)
         for g in range(G):
             keep = fold_of_user[u_idx] != g if g < G - 1 else np.ones(len(items), bool)
@@ -97,29 +95,47 @@ class NeighborhoodToken(DerivedFeature):
             self.sims_GNK[g] = sims_NK
 
 
+def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape).coalesce().to_sparse_csr()
+
+
 def _fit(items, users, y, N: int, U: int, K: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K neighbours of every item by |shrunk cosine| of user-centred labels. Repeated (item, user) pairs
-    average; an item without co-rated neighbours keeps id -1 and similarity 0 in its empty slots."""
+    average; an item without co-rated neighbours keeps id -1 and similarity 0 in its empty slots. Sparse
+    items x users matrices, multiplied a block of item rows at a time (block x N dense, <= BLOCK_CELLS)."""
     mean_U = np.bincount(users, y, U) / np.maximum(np.bincount(users, minlength=U), 1)
-    at = (torch.from_numpy(items), torch.from_numpy(users))
-    n_NU = torch.zeros(N, U).index_put_(at, torch.ones(len(items)), accumulate=True)
-    M_NU = torch.zeros(N, U).index_put_(at, torch.from_numpy((y - mean_U[users]).astype(np.float32)), accumulate=True)
-    M_NU /= n_NU.clamp(min=1)
-    C_NU = (n_NU > 0).float()
-    del n_NU
-    norm_N = M_NU.norm(dim=1).clamp(min=1e-9)
-    ids = torch.full((N, K), -1, dtype=torch.int32)
-    sims = torch.zeros(N, K)
-    for lo in range(0, N, ROW_CHUNK):
-        hi = min(lo + ROW_CHUNK, N)
-        co = C_NU[lo:hi] @ C_NU.T
-        s = (M_NU[lo:hi] @ M_NU.T) / (norm_N[lo:hi, None] * norm_N[None, :]) * co / (co + shrink)
-        s[torch.arange(hi - lo), torch.arange(lo, hi)] = 0   # an item is not its own neighbour
-        top = s.abs().topk(K, dim=1).indices
-        val = s.gather(1, top)
-        ids[lo:hi] = torch.where(val != 0, top, -1).to(torch.int32)
-        sims[lo:hi] = val
+    at = torch.from_numpy(np.stack([items, users]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # sparse CSR "beta" and invariant-check notices
+        total = torch.sparse_coo_tensor(at, torch.from_numpy((y - mean_U[users]).astype(np.float32)), (N, U)).coalesce()
+        count = torch.sparse_coo_tensor(at, torch.ones(len(items)), (N, U)).coalesce()   # same index order
+        ii, uu = total.indices()
+        m = total.values() / count.values()
+        one = torch.ones_like(m)
+        M, MT = _csr(ii, uu, m, (N, U)), _csr(uu, ii, m, (U, N))
+        C, CT = _csr(ii, uu, one, (N, U)), _csr(uu, ii, one, (U, N))
+        norm_N = torch.zeros(N).index_add_(0, ii, m * m).sqrt().clamp(min=1e-9)
+        ids = torch.full((N, K), -1, dtype=torch.int32)
+        sims = torch.zeros(N, K)
+        step = max(1, BLOCK_CELLS // N)
+        for lo in range(0, N, step):
+            hi = min(lo + step, N)
+            dot = (_rows(M, lo, hi) @ MT).to_dense()
+            co = (_rows(C, lo, hi) @ CT).to_dense()
+            s = dot / (norm_N[lo:hi, None] * norm_N[None, :]) * co / (co + shrink)
+            s[torch.arange(hi - lo), torch.arange(lo, hi)] = 0   # an item is not its own neighbour
+            top = s.abs().topk(K, dim=1).indices
+            val = s.gather(1, top)
+            ids[lo:hi] = torch.where(val != 0, top, -1).to(torch.int32)
+            sims[lo:hi] = val
     return ids, sims
+
+
+def _rows(A: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of a CSR matrix, as CSR."""
+    crow = A.crow_indices()
+    a, b = int(crow[lo]), int(crow[hi])
+    return torch.sparse_csr_tensor(crow[lo:hi + 1] - a, A.col_indices()[a:b], A.values()[a:b], (hi - lo, A.shape[1]))
 
 
 def fit_derived(model: torch.nn.Module, columns: dict[str, np.ndarray], labels: np.ndarray) -> None:
