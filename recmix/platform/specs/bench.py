@@ -26,7 +26,7 @@ class QualityParams(StrictModel):
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1, max_length=64)  # quick runs seed 0 only
     workers: Annotated[int, Field(ge=1, le=64)] = 2  # single-threaded training processes (full runs)
     # The training protocol of every run ([choice] defaults: the valid-only sweep of docs/models.md).
-    lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 512
     epochs: Annotated[int, Field(ge=1, le=1000)] = 8       # quick runs 1
