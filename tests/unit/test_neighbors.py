@@ -168,3 +168,38 @@ def test_fit_refuses_ids_outside_the_vocab():
     cols["item_id"][0] = N_ITEMS
     with pytest.raises(ValueError, match=r"'item_id' ids must lie in \[0, 12\)"):
         fit_derived(tok, cols, y)
+
+
+def test_ugsep_keeps_the_token_on_the_candidate_side_and_split_scoring_equals_forward():
+    from pydantic import TypeAdapter
+
+    from recmix.models.build import build_model
+    from recmix.models.toy import toy_batch
+    from recmix.models.ugsep import UserState
+    from recmix.platform.specs.model import ModelConfig
+
+    s = schema(pools=["mean"], target_attention="softmax")
+    cfg = TypeAdapter(ModelConfig).validate_python(dict(
+        arch="tokenmixer_large", n_tokens=4, d_model=16, n_layers=2, ffn_mult=2.0, ugsep=dict(user_tokens="1:1")))
+    torch.manual_seed(0)
+    model = build_model(cfg, s)
+    fit_derived(model, *train_rows())
+    model = model.double().eval()
+    assert "hist_items_neighbors" in model.cand_feats and "hist_items_neighbors" not in model.user_feats
+    assert "user_id" in model.ctx_cols   # the token reads the user's id per candidate (its fold in training)
+    b = toy_batch(s, 6, 3)
+    b["hist_ratings"] = torch.where(b["hist_items"] >= 0, b["hist_ratings"].clamp(min=1), -1)
+    with torch.no_grad():
+        full = model(b).logits_BK
+        users, cands = model.split_batch(b)
+        states = [model.encode_user({n: v[i:i + 1] for n, v in users.items()}) for i in range(6)]
+        split = model.score(UserState.cat(states), cands, torch.arange(6)).logits_BK
+        x1 = model.encode_user(users).x_U
+        other = {**cands, "item_id": (cands["item_id"] + 5) % N_ITEMS}
+        moved = model.score(UserState.cat(states), other, torch.arange(6)).logits_BK
+    torch.testing.assert_close(split, full)
+    assert not torch.allclose(moved, full)
+    with torch.no_grad():   # other candidates leave the user path as it was
+        x2 = model.encode_user(model.split_batch({**b, "item_id": (b["item_id"] + 5) % N_ITEMS})[0]).x_U
+    for a, c in zip(x1, x2):
+        assert torch.equal(a, c)
