@@ -26,6 +26,7 @@ class DerivedFeature(nn.Module):
     width: int
     inputs: tuple[str, ...]
     tables: dict = {}   # {name: TableSpec} of lookup tables the feature owns (LMN values); never mutated
+    fit_columns: tuple[str, ...] = ()   # training-split columns its statistics need (`fit_statistics`); () = none
 
     def __init__(self):
         super().__init__()
@@ -37,6 +38,28 @@ class DerivedFeature(nn.Module):
     def loss(self) -> torch.Tensor | None:
         """The weighted auxiliary loss of the last forward (set `self._last_loss` there), or None."""
         return self._last_loss
+
+    def fit_statistics(self, columns: dict, labels) -> None:  # pragma: no cover - only with fit_columns
+        """Fit statistics (buffers) from the training split before training: `columns` maps each of
+        `fit_columns` to its ids per row, `labels` holds the first task's label per row."""
+        raise NotImplementedError
+
+
+def fit_columns(model: nn.Module) -> list[str]:
+    """The training-split columns the statistics of `model`'s derived features need (empty: nothing to fit)."""
+    return sorted({c for m in model.modules() if isinstance(m, DerivedFeature) for c in m.fit_columns})
+
+
+def fit_derived(model: nn.Module, read) -> None:
+    """Fit every derived feature of `model` that has statistics, from the training split. `read(columns)`
+    returns ({column: ids per row}, first-task labels per row); it is not called when nothing needs fitting."""
+    need = fit_columns(model)
+    if not need:
+        return
+    columns, labels = read(need)
+    for m in model.modules():
+        if isinstance(m, DerivedFeature) and m.fit_columns:
+            m.fit_statistics(columns, labels)
 
 
 def check_derived(derived: list[DerivedFeature], schema) -> None:

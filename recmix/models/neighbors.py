@@ -136,15 +136,3 @@ def _rows(A: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     crow = A.crow_indices()
     a, b = int(crow[lo]), int(crow[hi])
     return torch.sparse_csr_tensor(crow[lo:hi + 1] - a, A.col_indices()[a:b], A.values()[a:b], (hi - lo, A.shape[1]))
-
-
-def fit_derived(model: torch.nn.Module, columns: dict[str, np.ndarray], labels: np.ndarray) -> None:
-    """Fit every derived feature of `model` that has statistics (`fit_columns`) from the training split."""
-    for m in model.modules():
-        if getattr(m, "fit_columns", ()):
-            m.fit_statistics(columns, labels)
-
-
-def fit_columns(model: torch.nn.Module) -> list[str]:
-    """The training-split columns the model's statistics need (empty: nothing to fit)."""
-    return sorted({c for m in model.modules() for c in getattr(m, "fit_columns", ())})

@@ -142,16 +142,17 @@ class TargetAttentionPool(DerivedFeature):
         return torch.einsum("bl,blw->bw", a_BL, p_BLW)
 
 
-def build_sequence_tokens(cfg, schema: FeatureSchema) -> list[_Derived]:
+def build_sequence_tokens(cfg, schema: FeatureSchema) -> list[DerivedFeature]:
     """The derived features of every sequence feature with `tokens:` (the model config adds nothing yet).
     Both of one sequence share its PositionEncoder (one set of weights on the user and candidate paths)."""
     widths = feature_widths(schema)
-    out: list[_Derived] = []
+    out: list[DerivedFeature] = []
     for f in schema.inputs:
         tok = f.tokens
         if tok is None:
             continue
-        enc = PositionEncoder(schema, f.name, widths)
+        if tok.pools or tok.target_attention is not TargetAttention.none:   # the neighbourhood token needs none
+            enc = PositionEncoder(schema, f.name, widths)
         if tok.pools:
             out.append(SequencePools(enc, f.group, tok.pools, tok.attention_queries))
         if tok.target_attention is not TargetAttention.none:

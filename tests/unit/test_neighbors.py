@@ -8,7 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from recmix.models.neighbors import NeighborhoodToken, fit_columns, fit_derived, user_fold
+from recmix.models.derived import fit_columns, fit_derived
+from recmix.models.neighbors import NeighborhoodToken, user_fold
 from recmix.models.sequence import build_sequence_tokens
 from recmix.platform.specs.data import FeatureSchema
 
@@ -67,7 +68,7 @@ def brute_force(items, users, y, shrink: float) -> np.ndarray:
 def test_fit_matches_brute_force_and_folds_leave_out_their_users():
     tok = token()
     cols, y = train_rows()
-    fit_derived(tok, cols, y)
+    fit_derived(tok, lambda need: (cols, y))
     assert fit_columns(tok) == ["item_id", "user_id"]
     folds = user_fold(cols["user_id"], 3)
     for g in range(4):   # 3 folds + all users
@@ -83,7 +84,7 @@ def test_fit_matches_brute_force_and_folds_leave_out_their_users():
     y2 = y.copy()
     y2[folds == 1] = np.random.default_rng(7).random(int((folds == 1).sum())) < 0.5   # (a flip would cancel in the products)
     tok2 = token()
-    fit_derived(tok2, cols, y2)
+    fit_derived(tok2, lambda need: (cols, y2))
     assert torch.equal(tok2.sims_GNK[1], tok.sims_GNK[1]) and not torch.equal(tok2.sims_GNK[3], tok.sims_GNK[3])
 
 
@@ -95,7 +96,7 @@ def batch() -> dict[str, torch.Tensor]:
 
 def fitted() -> NeighborhoodToken:
     tok = token()
-    fit_derived(tok, *train_rows())
+    fit_derived(tok, lambda need: train_rows())
     return tok.eval()
 
 
@@ -167,7 +168,7 @@ def test_fit_refuses_ids_outside_the_vocab():
     cols["item_id"] = cols["item_id"].copy()
     cols["item_id"][0] = N_ITEMS
     with pytest.raises(ValueError, match=r"'item_id' ids must lie in \[0, 12\)"):
-        fit_derived(tok, cols, y)
+        fit_derived(tok, lambda need: (cols, y))
 
 
 def test_ugsep_keeps_the_token_on_the_candidate_side_and_split_scoring_equals_forward():
@@ -183,7 +184,7 @@ def test_ugsep_keeps_the_token_on_the_candidate_side_and_split_scoring_equals_fo
         arch="tokenmixer_large", n_tokens=4, d_model=16, n_layers=2, ffn_mult=2.0, ugsep=dict(user_tokens="1:1")))
     torch.manual_seed(0)
     model = build_model(cfg, s)
-    fit_derived(model, *train_rows())
+    fit_derived(model, lambda need: train_rows())
     model = model.double().eval()
     assert "hist_items_neighbors" in model.cand_feats and "hist_items_neighbors" not in model.user_feats
     assert "user_id" in model.ctx_cols   # the token reads the user's id per candidate (its fold in training)

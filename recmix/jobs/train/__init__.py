@@ -28,7 +28,7 @@ import torch
 
 from recmix.models import counters
 from recmix.models.build import build_model
-from recmix.models.neighbors import fit_columns, fit_derived
+from recmix.models.derived import fit_derived
 from recmix.platform import cluster as ray_cluster
 from recmix.platform import secrets, storage
 from recmix.platform.dataset import open_dataset
@@ -90,9 +90,8 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
     t0 = time.perf_counter()
     try:
         model = build_model(spec.model, schema, sharded.lookup if sharded else None)
-        need = fit_columns(model)
-        if need:   # statistics of the derived features (item neighbours), from the training split only
-            fit_derived(model, {c: splits["train"].columns[c] for c in need}, splits["train"].labels[:, 0])
+        train_split = splits["train"]   # statistics of the derived features (item neighbours): training split only
+        fit_derived(model, lambda cols: ({c: train_split.columns[c] for c in cols}, train_split.labels[:, 0]))
         opt = make_optimizer(model, spec.optimizer)
         feed = ArrayFeed(splits["train"], splits["valid"], splits["test"], spec.batch_size, spec.seed)
         fitted = fit(model, opt, feed, LocalContext(log), eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from recmix.models.build import build_model
-from recmix.models.neighbors import fit_columns, fit_derived
+from recmix.models.derived import fit_derived
 from recmix.platform.dataset import open_dataset
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.train import TrainSpec
@@ -128,6 +128,13 @@ def wrap(model: torch.nn.Module, ctx) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
+def _read_train(ds, columns: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The whole training split's `columns` (ids) and first label, for the derived features' statistics."""
+    label = ds.schema.labels[0].name
+    t = ds.read_split("train", columns=[*columns, label])
+    return {c: t.column(c).to_numpy().astype(np.int64) for c in columns}, t.column(label).to_numpy().astype(np.float32)
+
+
 def train_loop_per_worker(config: dict) -> dict:
     import ray.train
 
@@ -151,11 +158,7 @@ def train_loop_per_worker(config: dict) -> dict:
         tables = WorkerTables(spec, ds.schema, config["group"], ctx)
     try:
         model = build_model(spec.model, ds.schema, tables.lookup if tables else None)
-        need = fit_columns(model)
-        if need:   # every rank fits the same statistics from the whole training split (deterministic)
-            t = ds.read_split("train", columns=[*need, ds.schema.labels[0].name])
-            fit_derived(model, {c: t.column(c).to_numpy().astype(np.int64) for c in need},
-                        t.column(ds.schema.labels[0].name).to_numpy().astype(np.float32))
+        fit_derived(model, lambda cols: _read_train(ds, cols))   # every rank fits the same statistics (deterministic)
         model = model.to(ctx.device)
         opt = make_optimizer(model, spec.optimizer)
         feed = ShardFeed(spec, ds, ray.train.get_dataset_shard("train"), ctx.rank, ctx.world_size)
