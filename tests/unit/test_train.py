@@ -41,6 +41,21 @@ def test_paired_bootstrap_detects_a_better_model():
     assert res["delta"] > 0 and res["lo95"] > 0 and res["p_le_0"] == 0.0
 
 
+def test_paired_bootstrap_over_seeds_scores_the_mean_difference():
+    rng = np.random.default_rng(2)
+    users = rng.integers(0, 80, 3000)
+    y = rng.integers(0, 2, 3000).astype(float)
+    a = np.stack([y + rng.normal(0, s, 3000) for s in (1.0, 1.5, 2.0)])
+    b = np.stack([y + rng.normal(0, s, 3000) for s in (1.2, 1.2, 1.2)])
+    one = paired_bootstrap(y, a[0], b[0], users, n=60, seed=5)
+    assert paired_bootstrap(y, a[:1], b[:1], users, n=60, seed=5) == one   # (1, N) is the single-seed case
+    res = paired_bootstrap(y, a, b, users, n=60, seed=5)
+    assert res["delta"] == pytest.approx(np.mean([auc(y, pa) - auc(y, pb) for pa, pb in zip(a, b)]), abs=1e-12)
+    assert res["lo95"] <= res["delta"] <= res["hi95"] and res["delta"] != pytest.approx(one["delta"])
+    with pytest.raises(AssertionError):
+        paired_bootstrap(y, a, b[:2], users)
+
+
 def _raw_table(schema, n: int, seed: int) -> pa.Table:
     """Random rows for `schema` with a planted rule (label = item_id < 20 XOR hour < 4), time-sorted."""
     b = toy_batch(schema, n, seed)

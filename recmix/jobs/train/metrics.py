@@ -29,19 +29,29 @@ def logloss(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def paired_bootstrap(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, users: np.ndarray, n: int = 200, seed: int = 0) -> dict:
-    """AUC(a) - AUC(b) resampling whole users (rows of one user are correlated); mean, 95% interval, P(<=0)."""
+    """AUC(a) - AUC(b) resampling whole users (rows of one user are correlated); mean, 95% interval, P(<=0).
+
+    `p_a`, `p_b` are (N,) or (S, N): S seeds' predictions on the same N rows. With seeds, every resample of users
+    scores all of them and the statistic is the mean over seeds of the difference (the claim the tables make: mean
+    test AUC of a minus mean test AUC of b); the interval is that of the test users' sampling, not of the seeds."""
+    p_a, p_b = np.atleast_2d(p_a), np.atleast_2d(p_b)
+    assert p_a.shape == p_b.shape and p_a.shape[1] == len(y) == len(users), (p_a.shape, p_b.shape, len(y), len(users))
     rng = np.random.default_rng(seed)
     uniq, inv = np.unique(users, return_inverse=True)
     rows_of = np.argsort(inv, kind="stable")
     starts = np.searchsorted(inv[rows_of], np.arange(len(uniq)))
     lens = np.append(starts[1:], len(inv)) - starts
+
+    def diff(idx) -> float:
+        return float(np.mean([auc(y[idx], a[idx]) - auc(y[idx], b[idx]) for a, b in zip(p_a, p_b)]))
+
     deltas = []
     for _ in range(n):
         pick = rng.integers(0, len(uniq), len(uniq))
         L = lens[pick]
         # rows of every picked user, concatenated without a per-user loop
         idx = rows_of[np.repeat(starts[pick] - (np.cumsum(L) - L), L) + np.arange(L.sum())]
-        deltas.append(auc(y[idx], p_a[idx]) - auc(y[idx], p_b[idx]))
+        deltas.append(diff(idx))
     d = np.asarray(deltas)
-    return {"delta": float(auc(y, p_a) - auc(y, p_b)), "lo95": float(np.quantile(d, 0.025)),
+    return {"delta": diff(np.arange(len(y))), "lo95": float(np.quantile(d, 0.025)),
             "hi95": float(np.quantile(d, 0.975)), "p_le_0": float((d <= 0).mean())}
