@@ -204,3 +204,14 @@ def test_ugsep_keeps_the_token_on_the_candidate_side_and_split_scoring_equals_fo
         x2 = model.encode_user(model.split_batch({**b, "item_id": (b["item_id"] + 5) % N_ITEMS})[0]).x_U
     for a, c in zip(x1, x2):
         assert torch.equal(a, c)
+
+
+def test_builtin_schema_sizes_k_to_the_catalogue():
+    from recmix.jobs.prepare.builtin import NEIGHBOR_BUDGET, builtin_schema
+
+    def k(n_items):
+        f = next(x for x in builtin_schema(100, n_items, 20).features if x.name == "hist_items")
+        return f.tokens.neighbors.k, (f.tokens.neighbors.folds + 1) * (n_items + 1)
+    (small, cells), (large, _) = k(1682), k(50_000)
+    assert small == 256 and cells * small <= NEIGHBOR_BUDGET   # ml-100k's catalogue gets the larger k
+    assert large == 64                                          # a big catalogue keeps the spec's default

@@ -6,7 +6,7 @@ every other categorical uses the ids [0, vocab_size).
 
 from __future__ import annotations
 
-from recmix.platform.specs.data import FeatureSchema
+from recmix.platform.specs.data import FeatureSchema, ItemNeighbors
 
 EMBEDDING_DIM = 16
 N_GENRES = 19
@@ -43,6 +43,19 @@ def gap_bucket(seconds):
 # fitted from the training split, summed per history rating).
 HISTORY_TOKENS = {"attributes": ["hist_ratings", "hist_gaps"], "target": "item_id",
                   "neighbors": {"attribute": "hist_ratings", "user": "user_id"}}
+# [choice] neighbours per item: 256 where the (folds + 1) x items x k tables stay within NEIGHBOR_BUDGET entries
+# (32 MiB: int32 ids + float32 similarities; ml-100k's 1,682 items), else the spec's 64. In the logistic-regression
+# probe on ml-100k valid, k 64 / 128 / 256 / all gave 0.7433 / 0.7439 / 0.7444 / 0.7446 (docs/log.md); the
+# tables ride in every checkpoint and artifact, so the larger k is kept for catalogues where it is cheap.
+NEIGHBOR_K, NEIGHBOR_BUDGET = 256, 1 << 22
+
+
+def history_tokens(n_items: int) -> dict:
+    nb = HISTORY_TOKENS["neighbors"]
+    folds = ItemNeighbors.model_fields["folds"].default
+    if (folds + 1) * (n_items + 1) * NEIGHBOR_K <= NEIGHBOR_BUDGET:
+        nb = {**nb, "k": NEIGHBOR_K}
+    return {**HISTORY_TOKENS, "neighbors": nb}
 
 
 def builtin_schema(n_users: int, n_items: int, history_len: int, user_dropout: float = 0.0) -> FeatureSchema:
@@ -69,7 +82,7 @@ def builtin_schema(n_users: int, n_items: int, history_len: int, user_dropout: f
             cat("occupation", "user", "user", vocab=N_OCCUPATIONS),
             cat("zip_prefix", "user", "user", buckets=ZIP_BUCKETS),
             {"name": "hist_items", "role": "sequence", "type": "sequence", "vocab_size": n_items + 1,
-             "embedding_dim": d, "table": "item_id", "group": "history", "max_len": history_len, "tokens": HISTORY_TOKENS},
+             "embedding_dim": d, "table": "item_id", "group": "history", "max_len": history_len, "tokens": history_tokens(n_items)},
             {"name": "hist_ratings", "role": "sequence", "type": "sequence", "vocab_size": RATING_VOCAB,
              "embedding_dim": d, "group": "history", "max_len": history_len},
             {"name": "hist_gaps", "role": "sequence", "type": "sequence", "vocab_size": GAP_BUCKETS,
