@@ -14,6 +14,10 @@
   over users, and z gains weight * taste_u * c_i. Rows show at most the last `history_len` entries, so only
   a model that infers the long-run taste (from ids or what other users' behaviour teaches) recovers the term.
   Its tables come from SeedSequence([seed, 3]): without it every table and file is unchanged.
+* Field cross (optional, `field_cross`): z gains weight * C[occupation_u, first genre_i, hour_r], C a random
+  occupation x genre x hour table reduced to its pure third-order part (every one- and two-field margin
+  subtracted) and scaled to std 1: only a model that crosses a user, an item and a context field recovers it.
+  Drawn from SeedSequence([seed, 4]); without it every table and file is unchanged.
 * Row r (0-based, global) has timestamp T0 + r; chunks of `chunk_rows` are generated independently from
   SeedSequence([seed, chunk]), so files do not depend on how many workers ran.
 """
@@ -82,6 +86,8 @@ class Tables:
     taste: np.ndarray | None = None  # [n_users + 1] float32, long-pool taste (mean 0, std 1 over users 1..n)
     taste_item: np.ndarray | None = None  # [n_items + 1] float32, c_i: how much item i rewards the taste
     taste_weight: float = 0.0
+    cross: np.ndarray | None = None   # [N_OCCUPATIONS, N_GENRES, 24] float32, already times the weight
+    first_genre: np.ndarray | None = None   # [n_items + 1] int64
 
 
 def score(t: Tables, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -134,7 +140,24 @@ def build_tables(src: SyntheticSource) -> Tables:
     t.pool_items, t.pool_ratings = pool, ratings
     if src.long_history is not None:
         _long_history(src, t)
+    if src.field_cross is not None:
+        _field_cross(src, t)
     return t
+
+
+def _field_cross(src: SyntheticSource, t: Tables) -> None:
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([src.seed, 4])))
+    c = rng.standard_normal((builtin.N_OCCUPATIONS, builtin.N_GENRES, 24))
+    # ANOVA decomposition: subtracting the mean over each axis in turn leaves the pure three-way part
+    for axis in range(3):
+        c = c - c.mean(axis=axis, keepdims=True)
+    t.cross = (src.field_cross.weight * c / c.std()).astype(np.float32)
+    t.first_genre = first_genre(t.genres)
+
+
+def first_genre(genres: pa.ListArray) -> np.ndarray:
+    """Each item's first (smallest) genre id: every item has at least one."""
+    return genres.values.to_numpy()[genres.offsets.to_numpy()[:-1]]
 
 
 def _long_history(src: SyntheticSource, t: Tables) -> None:
@@ -168,6 +191,9 @@ def generate_chunk(src: SyntheticSource, t: Tables, chunk: int, lo: int, hi: int
     user = t.user_perm[t.users.sample(rng, n)]
     item = t.item_perm[t.items.sample(rng, n)]
     z = score(t, user, item) + src.noise * rng.standard_normal(n, dtype=np.float32)
+    ts = T0 + np.arange(lo, hi, dtype=np.int64)
+    if t.cross is not None:
+        z = z + t.cross[t.user_attr["occupation"][user], t.first_genre[item], (ts // 3600) % 24]
     L = src.history_len
     lengths = rng.integers(0, L + 1, n)
     offsets = np.zeros(n + 1, np.int64)
@@ -176,7 +202,6 @@ def generate_chunk(src: SyntheticSource, t: Tables, chunk: int, lo: int, hi: int
     within = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - (L - lengths), lengths)
     flat = np.repeat(user.astype(np.int64) * L, lengths) + within
     off = pa.array(offsets)
-    ts = T0 + np.arange(lo, hi, dtype=np.int64)
     cols = {"user_id": user.astype(np.int64)}
     cols.update({k: v[user] for k, v in t.user_attr.items()})
     cols.update({

@@ -50,6 +50,14 @@ class LongHistorySignal(StrictModel):
     weight: Annotated[float, Field(gt=0, le=10)] = 1.0
 
 
+class FieldCrossSignal(StrictModel):
+    """A label term that is a pure third-order cross of three fields, one per side: the user's occupation, the
+    item's first genre and the row's hour (no field or pair of fields predicts it alone)."""
+
+    # Standard deviation of the term added to the label logit.
+    weight: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+
 class SyntheticSource(StrictModel):
     """Zipf-distributed ids, labels from a planted user x item interaction plus noise (docs/data.md)."""
 
@@ -68,6 +76,8 @@ class SyntheticSource(StrictModel):
     noise: Annotated[float, Field(ge=0, le=10)] = 1.0
     # Off by default (files stay bit-identical): a label term from the long history (docs/data.md).
     long_history: Optional[LongHistorySignal] = None
+    # Off by default (files stay bit-identical): a user x item x context field cross (docs/data.md).
+    field_cross: Optional[FieldCrossSignal] = None
 
     @model_validator(mode="after")
     def _tables_fit(self) -> "SyntheticSource":
