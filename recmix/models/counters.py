@@ -190,7 +190,7 @@ def ugsep_counts(cfg, schema, derived=()) -> tuple[Counts, Counts]:
         G, M = H - Cu, T * S
         Z = (T - Tu) * S if ug.ic_mode is ICMode.masked_off else M
         per = {ICProj.per_head: Cu * Z * M, ICProj.dense: Cu * Z * G * M,
-               ICProj.low_rank: Cu * Z * ug.ic_rank + ug.ic_rank * G * M}[ug.ic_proj]
+               ICProj.low_rank: Cu * Z * ug.low_rank + ug.low_rank * G * M}[ug.ic_proj]
         ic = Counts(per, per, 2 * per).scaled(cfg.n_layers)
     return tok, ic
 

@@ -39,7 +39,7 @@ class InformationCompensation(nn.Module):
             self.proj = nn.Linear(Cu * Z, G * M, bias=False)
             nn.init.xavier_uniform_(self.proj.weight, gain=0.01)
         else:
-            self.proj = nn.Sequential(nn.Linear(Cu * Z, ug.ic_rank, bias=False), nn.Linear(ug.ic_rank, G * M, bias=False))
+            self.proj = nn.Sequential(nn.Linear(Cu * Z, ug.low_rank, bias=False), nn.Linear(ug.low_rank, G * M, bias=False))
             nn.init.xavier_uniform_(self.proj[1].weight, gain=0.01)
 
     def forward(self, mu_BCM: torch.Tensor, ng_BTgD: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def publish(spec: TrainSpec, version: str, schema, best_state: dict, metrics: di
     storage.write_bytes_atomic(fs, storage.join(root, fmt.DENSE), buf.getvalue())
     doc = {"format": fmt.FORMAT, "version": version,
            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           # only the fields the spec set: a validator may refuse a default written out (ugsep.ic_rank)
+           # the fields the spec set (model_resolved holds every value; model_config pins later-filled defaults)
            "model": spec.model.model_dump(mode="json", exclude_unset=True),
            "model_resolved": spec.model.model_dump(mode="json"), "features": schema.model_dump(mode="json"),
            "hash_contract": "splitmix64 bucketing of raw ids for hashed tables (recmix.models.embedding)",

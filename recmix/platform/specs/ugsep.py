@@ -7,7 +7,7 @@ groups (`side: user | candidate`); `user_tokens` says how many of the T tokens a
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -39,15 +39,23 @@ class UserAggregation(str, Enum):
     per_row = "per_row"         # every row runs its own user path (reference; same scores)
 
 
+IC_RANK = 32
+
+
 class UGSepConfig(StrictModel):
     # A ratio "u:g" ("1:1", "3:1", ...) or a whole number of user tokens; 0 = no user tokens, i.e. the
     # unmasked baseline with UG-Sep's per-side tokenizers. Checked against n_tokens by the model config.
     user_tokens: Union[Annotated[int, Field(ge=0, le=4096)], UserTokenRatio] = "1:1"
     ic_mode: ICMode = ICMode.masked_off
     ic_proj: ICProj = ICProj.per_head
-    ic_rank: Annotated[int, Field(gt=0, le=4096)] = 32
+    ic_rank: Optional[Annotated[int, Field(gt=0, le=4096)]] = None   # low_rank only; None = IC_RANK
     global_token_side: GlobalTokenSide = GlobalTokenSide.candidate
     user_aggregation: UserAggregation = UserAggregation.dedup
+
+    @property
+    def low_rank(self) -> int:
+        """The low_rank projection's inner width."""
+        return IC_RANK if self.ic_rank is None else self.ic_rank
 
     def n_user_tokens(self, n_tokens: int) -> int:
         """T_u for a model of n_tokens tokens; ValueError naming the values when they do not fit."""
@@ -64,6 +72,6 @@ class UGSepConfig(StrictModel):
 
     @model_validator(mode="after")
     def _rank(self) -> "UGSepConfig":
-        if self.ic_proj is not ICProj.low_rank and "ic_rank" in self.model_fields_set:
+        if self.ic_proj is not ICProj.low_rank and self.ic_rank is not None:
             raise ValueError(f"ugsep.ic_rank is used by ic_proj low_rank only (ic_proj is {self.ic_proj.value})")
         return self
