@@ -148,6 +148,17 @@ def test_token_sits_on_the_candidate_side_and_the_state_dict_carries_the_fit():
     fresh = token()
     fresh.load_state_dict(tok.state_dict())
     assert torch.equal(fresh.sims_GNK, tok.sims_GNK) and torch.equal(fresh.ids_GNK, tok.ids_GNK)
+    assert (tok.ids_GNK.diff(dim=-1) >= 0).all()   # the read-out binary-searches each item's neighbours
+    # tables saved in another order (before the read-out searched them: by similarity) are sorted on load
+    state = tok.state_dict()
+    perm = torch.randperm(state["ids_GNK"].shape[-1], generator=torch.Generator().manual_seed(3))
+    shuffled = {"ids_GNK": state["ids_GNK"][..., perm], "sims_GNK": state["sims_GNK"][..., perm]}
+    assert not torch.equal(shuffled["ids_GNK"], state["ids_GNK"])
+    old = token().eval()
+    old.load_state_dict(shuffled)
+    assert torch.equal(old.ids_GNK, tok.ids_GNK) and torch.equal(old.sims_GNK, tok.sims_GNK)
+    with torch.no_grad():
+        assert torch.equal(old(batch(), None), tok(batch(), None))
 
 
 @pytest.mark.parametrize("change, match", [
