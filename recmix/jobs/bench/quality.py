@@ -6,7 +6,8 @@ seeds of test AUC, logloss, warm-user and cold-user AUC, plus paired bootstraps 
 (TokenMixer-Large vs RankMixer, RankMixer vs DLRM, MoE vs dense, UG-Sep vs dense) of the mean-over-seeds
 difference, with each seed's own interval beside it.
 Every model gets the dataset schema's inputs, its sequence tokens (docs/models.md) included. Runs go to a
-pool of `workers` (default 2) single-threaded processes.
+pool of `workers` (default 2) single-threaded processes; each writes its outputs (metrics, test predictions)
+to `./artifacts/runs/quality/<dataset folder name>/<model>-s<seed>`.
 Quick: seed 0, one epoch on the first 4,000 training rows, 2,000 valid/test rows, in-process (a smoke test
 of the same path, not a result).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -71,12 +73,17 @@ def _ensure_dataset(uri: str, params: QualityParams) -> None:
     prepare(PrepareSpec(kind="prepare", source=dict(type="movielens100k", path=src), output=dict(uri=uri)), ClusterConfig())
 
 
+def run_folder(uri: str) -> str:
+    """The dataset's last path component, as one safe folder name: runs on other datasets do not overwrite these."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]).lstrip(".") or "dataset"
+
+
 def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str, params: QualityParams):
     from recmix.platform.specs.train import TrainSpec
 
     return TrainSpec(kind="train", dataset=dict(uri=uri), model=model, seed=seed, threads=1, batch_size=params.batch_size,
                      epochs=1 if quick else params.epochs, early_stopping=dict(patience=params.patience),
-                     output=f"./artifacts/runs/quality/{name}-s{seed}",
+                     output=f"./artifacts/runs/quality/{run_folder(uri)}/{name}-s{seed}",
                      optimizer=dict(name="adamw", lr=params.lr, weight_decay=params.weight_decay))
 
 
