@@ -36,6 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STARTUP_TIMEOUT = "timed out during startup"   # ray/_private/node.py, a plain Exception
+
+
 def connect(
     cfg: Optional[ClusterConfig] = None, *, include_dashboard: bool = True, quiet: bool = True, echo: Callable[[str], None] = print
 ):
@@ -58,27 +61,35 @@ def connect(
         echo(f"[ray] joined the cluster at {address}{why}; {_dashboard(ctx.dashboard_url, 'the cluster runs without one')}")
         return ctx
     cleanup.sweep_stale()  # what a SIGKILLed run left behind
-    # Short path: Ray's unix sockets live under the temp dir and must stay below ~100 characters.
-    tmp = tempfile.mkdtemp(prefix=cleanup.temp_prefix(), dir=cleanup.TEMP_ROOT)
-    _TEMP_DIRS.append(tmp)  # before ray.init: a Ctrl-C during start-up still removes it and its processes
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    try:
-        ctx = ray.init(
-            address="local",
-            namespace=NAMESPACE,
-            num_cpus=cfg.num_cpus if cfg.num_cpus is not None else max(4, os.cpu_count() or 1),
-            include_dashboard=include_dashboard,
-            dashboard_host=cfg.dashboard_host,
-            dashboard_port=cfg.dashboard_port or free_port(),
-            _metrics_export_port=free_port(),
-            _temp_dir=tmp,
-            log_to_driver=not quiet,
-            configure_logging=True,
-            logging_level="WARNING",
-        )
-    except BaseException:
-        shutdown()
-        raise
+    for attempt in (1, 2):
+        # Short path: Ray's unix sockets live under the temp dir and must stay below ~100 characters.
+        tmp = tempfile.mkdtemp(prefix=cleanup.temp_prefix(), dir=cleanup.TEMP_ROOT)
+        _TEMP_DIRS.append(tmp)  # before ray.init: a Ctrl-C during start-up still removes it and its processes
+        try:
+            ctx = ray.init(
+                address="local",
+                namespace=NAMESPACE,
+                num_cpus=cfg.num_cpus if cfg.num_cpus is not None else max(4, os.cpu_count() or 1),
+                include_dashboard=include_dashboard,
+                dashboard_host=cfg.dashboard_host,
+                dashboard_port=cfg.dashboard_port or free_port(),
+                _metrics_export_port=free_port(),
+                _temp_dir=tmp,
+                log_to_driver=not quiet,
+                configure_logging=True,
+                logging_level="WARNING",
+            )
+            break
+        except BaseException as e:
+            shutdown()
+            # Ray gives a new node a fixed 30 s to register with its GCS; a loaded machine can miss that once
+            if STARTUP_TIMEOUT not in str(e):
+                raise
+            if attempt == 2:
+                raise RecmixError("the local Ray cluster did not start: its node missed Ray's 30 s startup window twice "
+                                  "(the machine is overloaded?); retry when it is less busy") from None
+            echo("[ray] the local node missed Ray's 30 s startup window; starting it once more")
     # Ray makes its temp dir world-writable; the session's logs and sockets are for this user only.
     os.chmod(tmp, 0o700)
     echo(f"[ray] started a local cluster; {_dashboard(ctx.dashboard_url, 'include_dashboard is off')}")
