@@ -122,6 +122,31 @@ def test_two_workers_train_publish_and_round_trip(uninterrupted, tiny_dataset, c
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.slow
+def test_init_from_an_artifact_starts_where_that_run_ended(uninterrupted, tiny_dataset, tmp_path, capsys):  # noqa: F811
+    from recmix.jobs.train import PREDICTIONS
+
+    out, _, _ = uninterrupted
+    src = str(out / "artifact")
+    # lr 1e-9: one epoch cannot move the weights, so the run scores as the artifact it started from
+    d = spec_dict(tiny_dataset, tmp_path / "warm", epochs=1, init_from=src, optimizer=dict(name="adamw", lr=1e-9))
+    assert main(["run", str(write_spec(tmp_path, d))]) == 0
+    assert f"[train] initial weights from {src}" in capsys.readouterr().out
+    want, got = np.load(out / PREDICTIONS), np.load(tmp_path / "warm" / PREDICTIONS)
+    assert np.abs(got - want).max() < 1e-4 and want.std() > 1e-3
+    # a source that does not fit the model is named by the worker: one line, exit 2
+    d = spec_dict(tiny_dataset, tmp_path / "wide", epochs=1, init_from=src, model={**MODEL, "d_model": 32},
+                  failure=dict(max_failures=0))
+    assert main(["run", str(write_spec(tmp_path, d, "wide.yaml"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"init_from: {src}: the source weights do not fit" in err, err
+    # a missing source: one line before Ray Train starts
+    d = spec_dict(tiny_dataset, tmp_path / "none", init_from=str(tmp_path / "nowhere"))
+    assert main(["run", str(write_spec(tmp_path, d, "none.yaml"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a model artifact" in err and not (tmp_path / "none").exists(), err
+
+
 def test_more_workers_than_the_cluster_places_fails_before_training(ray_cluster, tiny_dataset, tmp_path, capsys):  # noqa: F811
     path = write_spec(tmp_path, spec_dict(tiny_dataset, tmp_path / "run", scaling=dict(workers=8)))
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from recmix.platform.errors import RecmixError
 from recmix.platform.specs.cluster import ClusterConfig
 from recmix.platform.specs.train import TrainSpec
 
-from . import artifact, curves, state
+from . import artifact, curves, state, warm_start
 from .data import SplitArrays, to_arrays
 from .loop import ArrayFeed, FitResult, LocalContext, fit, make_optimizer, train_step  # noqa: F401  (train_step: the public unit)
 from .progress import Progress, TrainGauges
@@ -92,6 +92,8 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
         model = build_model(spec.model, schema, sharded.lookup if sharded else None)
         train_split = splits["train"]   # statistics of the derived features (item neighbours): training split only
         fit_derived(model, lambda cols: ({c: train_split.columns[c] for c in cols}, train_split.labels[:, 0]))
+        if spec.init_from is not None:
+            log(warm_start.apply(model, spec.init_from, spec.storage))
         opt = make_optimizer(model, spec.optimizer)
         feed = ArrayFeed(splits["train"], splits["valid"], splits["test"], spec.batch_size, spec.seed)
         fitted = fit(model, opt, feed, LocalContext(log), eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,
@@ -226,6 +228,8 @@ def absolute_paths(spec: TrainSpec) -> TrainSpec:
         return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
 
     update = {"dataset": spec.dataset.model_copy(update={"uri": local(spec.dataset.uri)}), "output": local(spec.output)}
+    if spec.init_from is not None:
+        update["init_from"] = local(spec.init_from)
     if spec.embedding is not None and spec.embedding.lmdb_path:
         update["embedding"] = spec.embedding.model_copy(update={"lmdb_path": os.path.abspath(spec.embedding.lmdb_path)})
     return spec.model_copy(update=update)
@@ -272,6 +276,8 @@ def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bo
     """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
     spec = absolute_paths(spec)
     ds = open_dataset(spec.dataset.uri, spec.storage)   # a missing dataset is one line before Ray starts
+    if spec.init_from is not None:   # a missing or foreign source is one line before Ray starts; shapes are the workers'
+        warm_start.read_source(spec.init_from, spec.storage)
     storage.check_writable(spec.output, spec.storage)
     _check_train_columns(ds)
     verified = preflight(spec, restart, log)

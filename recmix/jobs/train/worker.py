@@ -20,6 +20,7 @@ from recmix.platform.dataset import open_dataset
 from recmix.platform.errors import RecmixError
 from recmix.platform.specs.train import TrainSpec
 
+from . import warm_start
 from .data import SplitArrays, collate, to_arrays
 from .loop import fit, make_optimizer
 
@@ -159,6 +160,10 @@ def train_loop_per_worker(config: dict) -> dict:
     try:
         model = build_model(spec.model, ds.schema, tables.lookup if tables else None)
         fit_derived(model, lambda cols: _read_train(ds, cols))   # every rank fits the same statistics (deterministic)
+        if spec.init_from is not None:   # every rank loads the same weights; a resumed checkpoint overrides them in fit
+            said = warm_start.apply(model, spec.init_from, spec.storage)
+            if ctx.rank == 0:
+                ctx.log(said)
         model = model.to(ctx.device)
         opt = make_optimizer(model, spec.optimizer)
         feed = ShardFeed(spec, ds, ray.train.get_dataset_shard("train"), ctx.rank, ctx.world_size)

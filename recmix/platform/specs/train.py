@@ -110,6 +110,11 @@ class TrainSpec(StrictModel):
     # torch.load(weights_only=True)), <output>/artifact/<version>/ + <output>/artifact/LATEST (docs/training.md).
     output: Uri
     storage: StorageConfig = StorageConfig()
+    # The weights this run starts from: another run's output folder (its model.pt) or a model artifact. An
+    # S-P MoE layer whose source is the dense pSwiGLU starts as its hidden units split into experts ("first
+    # enlarge, then sparse", docs/models.md); every other tensor must match in name and shape. A resumed
+    # run's own checkpoint takes precedence.
+    init_from: Optional[Uri] = None
     # Present = the sparse tables live in parameter-server shards (Ray actors) instead of the model. The
     # tables are the dataset schema's; `sparse` says how workers train them.
     embedding: Optional[EmbeddingConfig] = None
@@ -120,14 +125,17 @@ class TrainSpec(StrictModel):
     # Where the run happens when the spec is run alone (inside a pipeline, the pipeline's cluster).
     cluster: ClusterConfig = ClusterConfig()
 
-    @field_validator("output")
+    @field_validator("output", "init_from")
     @classmethod
-    def _uri(cls, v: str) -> str:
-        return check_uri(v)
+    def _uri(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else check_uri(v)
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainSpec":
         w = self.scaling.max_workers
+        if self.init_from is not None and self.embedding is not None:
+            raise ValueError("init_from needs local embedding tables: a parameter-server run's tables live in its "
+                             "shards, not in the source's state_dict (drop `embedding` or `init_from`)")
         if self.batch_size < w:
             raise ValueError(f"batch_size {self.batch_size} is smaller than scaling.workers {w} (each worker needs rows)")
         return self
