@@ -52,6 +52,9 @@ def test_paired_bootstrap_over_seeds_scores_the_mean_difference():
     res = paired_bootstrap(y, a, b, users, n=60, seed=5)
     assert res["delta"] == pytest.approx(np.mean([auc(y, pa) - auc(y, pb) for pa, pb in zip(a, b)]), abs=1e-12)
     assert res["lo95"] <= res["delta"] <= res["hi95"] and res["delta"] != pytest.approx(one["delta"])
+    # each seed's own interval comes from the same resamples: seed 0's equals the single-seed call's
+    assert res["per_seed"][0] == [one["delta"], one["lo95"], one["hi95"]] and len(res["per_seed"]) == 3
+    assert res["delta"] == pytest.approx(np.mean([x[0] for x in res["per_seed"]]), abs=1e-12)
     with pytest.raises(AssertionError):
         paired_bootstrap(y, a, b[:2], users)
 

@@ -33,7 +33,8 @@ def paired_bootstrap(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, users: np.
 
     `p_a`, `p_b` are (N,) or (S, N): S seeds' predictions on the same N rows. With seeds, every resample of users
     scores all of them and the statistic is the mean over seeds of the difference (the claim the tables make: mean
-    test AUC of a minus mean test AUC of b); the interval is that of the test users' sampling, not of the seeds."""
+    test AUC of a minus mean test AUC of b); the interval is that of the test users' sampling, not of the seeds.
+    `per_seed` holds each seed's own [delta, lo95, hi95], from the same resamples."""
     p_a, p_b = np.atleast_2d(p_a), np.atleast_2d(p_b)
     assert p_a.shape == p_b.shape and p_a.shape[1] == len(y) == len(users), (p_a.shape, p_b.shape, len(y), len(users))
     rng = np.random.default_rng(seed)
@@ -42,16 +43,18 @@ def paired_bootstrap(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, users: np.
     starts = np.searchsorted(inv[rows_of], np.arange(len(uniq)))
     lens = np.append(starts[1:], len(inv)) - starts
 
-    def diff(idx) -> float:
-        return float(np.mean([auc(y[idx], a[idx]) - auc(y[idx], b[idx]) for a, b in zip(p_a, p_b)]))
+    def diffs(idx) -> np.ndarray:
+        return np.array([auc(y[idx], a[idx]) - auc(y[idx], b[idx]) for a, b in zip(p_a, p_b)])
 
-    deltas = []
-    for _ in range(n):
+    d_NS = np.empty((n, len(p_a)))
+    for i in range(n):
         pick = rng.integers(0, len(uniq), len(uniq))
         L = lens[pick]
         # rows of every picked user, concatenated without a per-user loop
         idx = rows_of[np.repeat(starts[pick] - (np.cumsum(L) - L), L) + np.arange(L.sum())]
-        deltas.append(diff(idx))
-    d = np.asarray(deltas)
-    return {"delta": diff(np.arange(len(y))), "lo95": float(np.quantile(d, 0.025)),
-            "hi95": float(np.quantile(d, 0.975)), "p_le_0": float((d <= 0).mean())}
+        d_NS[i] = diffs(idx)
+    full_S, d = diffs(np.arange(len(y))), d_NS.mean(1)
+    lo_S, hi_S = np.quantile(d_NS, 0.025, axis=0), np.quantile(d_NS, 0.975, axis=0)
+    return {"delta": float(full_S.mean()), "lo95": float(np.quantile(d, 0.025)),
+            "hi95": float(np.quantile(d, 0.975)), "p_le_0": float((d <= 0).mean()),
+            "per_seed": [[float(x), float(lo), float(hi)] for x, lo, hi in zip(full_S, lo_S, hi_S)]}
