@@ -156,6 +156,31 @@ def test_early_stopping_stops_after_patience_epochs_without_gain(monkeypatch, pa
     assert len(res.history) == res.epochs_run and [h["valid_auc"] for h in res.history][:2] == [0.6, 0.7]
 
 
+def test_linear_schedule_sets_each_steps_lr_from_the_runs_first_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from recmix.jobs.train import loop
+    from recmix.jobs.train.data import SplitArrays
+    from recmix.platform.specs.train import OptimizerConfig
+
+    assert loop.lr_schedule(OptimizerConfig(lr=0.1), 100) is None
+    sched = loop.lr_schedule(OptimizerConfig(lr=0.1, schedule="linear"), 100)
+    assert [sched(s) for s in (0, 50, 100, 130)] == [0.1, 0.05, 0.0, 0.0]
+    seen = []
+    opt = SimpleNamespace(param_groups=[{"lr": 1.0}, {"lr": 1.0}])
+    monkeypatch.setattr(loop, "train_step", lambda model, batch, o: seen.append([g["lr"] for g in o.param_groups]) or {"loss": 0.0})
+    monkeypatch.setattr(loop, "evaluate", lambda model, data, *a, **k: ({"rows": len(data), "auc": 0.6, "logloss": 0.7},
+                                                                         np.zeros((len(data), 1))))
+
+    def split(n):
+        return SplitArrays({"x": np.zeros(n, np.int64)}, np.zeros((n, 1), np.float32), np.arange(n, dtype=np.int64))
+
+    feed = loop.ArrayFeed(split(8), split(4), split(4), batch_size=4, seed=0)   # 2 steps per epoch
+    loop.fit(torch.nn.Linear(1, 1), opt, feed, loop.LocalContext(lambda s: None), eval_batch_size=4, epochs=2, patience=5,
+             schedule=loop.lr_schedule(OptimizerConfig(lr=0.1, schedule="linear"), 2 * feed.steps_per_epoch))
+    assert seen == [[pytest.approx(v)] * 2 for v in (0.1, 0.075, 0.05, 0.025)]
+
+
 def test_progress_lines_within_an_epoch(monkeypatch):
     _, quiet = _scripted_fit(monkeypatch, [0.6], patience=1)
     within = re.compile(r" step \d+/")

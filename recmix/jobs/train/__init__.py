@@ -38,7 +38,7 @@ from recmix.platform.specs.train import TrainSpec
 
 from . import artifact, curves, state, warm_start
 from .data import SplitArrays, to_arrays
-from .loop import ArrayFeed, FitResult, LocalContext, fit, make_optimizer, train_step  # noqa: F401  (train_step: the public unit)
+from .loop import ArrayFeed, FitResult, LocalContext, fit, lr_schedule, make_optimizer, train_step  # noqa: F401  (train_step: the public unit)
 from .progress import Progress, TrainGauges
 
 COMPLETE = "_recmix_complete.json"   # written into the run folder once the artifact is published
@@ -97,7 +97,8 @@ def train(spec: TrainSpec, splits: dict[str, SplitArrays] | None = None, schema=
         opt = make_optimizer(model, spec.optimizer)
         feed = ArrayFeed(splits["train"], splits["valid"], splits["test"], spec.batch_size, spec.seed)
         fitted = fit(model, opt, feed, LocalContext(log), eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,
-                     patience=spec.early_stopping.patience, sparse=sharded)
+                     patience=spec.early_stopping.patience, sparse=sharded,
+                     schedule=lr_schedule(spec.optimizer, spec.epochs * feed.steps_per_epoch))
         if sharded is not None and write:
             embeddings = sharded.save_final()
             ps_rows = sharded.lookup.client.counts()

@@ -36,6 +36,16 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer '{name}' (known: adagrad, adamw)")
 
 
+def lr_schedule(cfg, total_steps: int) -> Optional[Callable[[int], float]]:
+    """step -> learning rate (None: constant). The step counts from the run's start, resumes included, so a
+    resumed run continues the same curve."""
+    if cfg.schedule.value == "constant":
+        return None
+    assert cfg.schedule.value == "linear", cfg.schedule
+    lr, total = cfg.lr, max(total_steps, 1)
+    return lambda step: lr * max(0.0, 1.0 - step / total)
+
+
 def unwrap(model: torch.nn.Module) -> RankingModel:
     """The RankingModel inside a DDP wrapper (loss, extra_metrics, state_dict live there)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -195,9 +205,11 @@ class Sparse(Protocol):
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ctx: Context, *, eval_batch_size: int,
         epochs: int, patience: int, every_steps: Optional[int] = None, meta: Optional[dict] = None,
-        sparse: Optional[Sparse] = None, progress_s: float = PROGRESS_S) -> FitResult:
+        sparse: Optional[Sparse] = None, progress_s: float = PROGRESS_S,
+        schedule: Optional[Callable[[int], float]] = None) -> FitResult:
     """Stops after `patience` epochs in a row without a better valid AUC. `meta` (the dataset version) is
-    stored in every checkpoint and checked on resume."""
+    stored in every checkpoint and checked on resume. `schedule` (`lr_schedule`) sets the learning rate
+    before each step."""
     inner = unwrap(model)
     st = ckpt.TrainerState(meta=meta or {})
     best_state = None
@@ -236,6 +248,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
                 st.samples -= n_epoch
                 st.train_s -= elapsed
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            if schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule(st.step)
             parts = train_step(model, batch, optimizer)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v

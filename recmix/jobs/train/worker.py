@@ -22,7 +22,7 @@ from recmix.platform.specs.train import TrainSpec
 
 from . import warm_start
 from .data import SplitArrays, collate, to_arrays
-from .loop import fit, make_optimizer
+from .loop import fit, lr_schedule, make_optimizer
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -169,7 +169,8 @@ def train_loop_per_worker(config: dict) -> dict:
         feed = ShardFeed(spec, ds, ray.train.get_dataset_shard("train"), ctx.rank, ctx.world_size)
         res = fit(wrap(model, ctx), opt, feed, ctx, eval_batch_size=spec.eval_batch_size, epochs=spec.epochs,
                   patience=spec.early_stopping.patience, every_steps=spec.checkpoint.every_steps,
-                  meta={"dataset_version": ds.version}, sparse=tables)
+                  meta={"dataset_version": ds.version}, sparse=tables,
+                  schedule=lr_schedule(spec.optimizer, spec.epochs * feed.steps_per_epoch))
         extra = {}
         if tables is not None and ctx.rank == 0:
             extra = {"embeddings": config["serving_uri"], "ps_rows": tables.serving_snapshot(config["serving_uri"])}

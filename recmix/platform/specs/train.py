@@ -22,12 +22,20 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class LRSchedule(str, Enum):
+    constant = "constant"
+    linear = "linear"   # lr * (1 - step / (epochs x steps per epoch)): 0 after the spec's `epochs`
+
+
 class OptimizerConfig(StrictModel):
-    """One optimizer for all parameters (embedding tables included, dense gradients)."""
+    """One optimizer for all parameters (embedding tables included, dense gradients). With `schedule: linear`
+    the horizon is the spec's `epochs`, wherever early stopping ends the run; parameter-server rows follow their
+    own `embedding.optimizer`."""
 
     name: OptimizerName = OptimizerName.adamw
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    schedule: LRSchedule = LRSchedule.constant
 
 
 class EarlyStopping(StrictModel):
