@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, ValidationInfo, field_validator
 
 from .base import StrictModel
+from .train import LRSchedule
 
 
 class NoParams(StrictModel):
@@ -27,9 +28,11 @@ class QualityParams(StrictModel):
     workers: Annotated[int, Field(ge=1, le=64)] = 2  # single-threaded training processes (full runs)
     # The training protocol of every run ([choice] defaults: the valid-only sweep of docs/models.md).
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
+    # linear: lr falls to 0 at the end of `epochs` (the horizon), early stopping or not
+    schedule: LRSchedule = LRSchedule.linear
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 512
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 8       # quick runs 1
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 4       # quick runs 1
     patience: Annotated[int, Field(ge=0, le=1000)] = 2
     # a subset of the bench's models (empty: all); pairs whose two models both ran are bootstrapped
     models: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=64)
