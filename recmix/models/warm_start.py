@@ -1,6 +1,6 @@
 """Warm start: a model's initial weights from another run's state_dict, S-P MoE layers split from dense.
 
-"First enlarge, then sparse" (TokenMixer-Large §3.4, spec models.md): train the best dense pSwiGLU, then
+"First enlarge, then sparse" (TokenMixer-Large §3.4): train the best dense pSwiGLU, then
 split each bank's hidden units F into E experts of width F/E and train sparse from there. Hidden unit j of a
 dense bank p reads gate[p, :, j] and up[p, :, j] and writes down[p, j, :], so chunk c = units
 [c*F/E, (c+1)*F/E) is a complete sub-pSwiGLU: chunk 0 becomes the shared expert (narrow width F/E), chunks

@@ -19,7 +19,11 @@ def read_source(uri: str, storage_cfg: StorageConfig) -> dict[str, torch.Tensor]
     version LATEST names, or of the version folder given)."""
     fs, root = storage.resolve(uri, storage_cfg)
     path = storage.join(root, "model.pt")
-    if fs.get_file_info(path).type.name != "File":
+    try:
+        found = fs.get_file_info(path).type.name == "File"
+    except OSError as e:   # an unreachable S3 endpoint: one line, as a missing file is
+        raise RecmixError(f"init_from: {uri}: {storage.describe(e, storage_cfg)}") from None
+    if not found:
         version = fmt.resolve_version(uri, storage_cfg)
         vfs, vroot = storage.resolve(version, storage_cfg)
         fs, path = vfs, storage.join(vroot, fmt.read_doc(version, storage_cfg)["dense"])
