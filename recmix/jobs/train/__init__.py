@@ -277,8 +277,8 @@ def run(spec: TrainSpec, cluster: Optional[ClusterConfig] = None, *, restart: bo
     """CLI entry (`recmix run train.yaml [--restart]`): train with Ray Train, publish, return the summary."""
     spec = absolute_paths(spec)
     ds = open_dataset(spec.dataset.uri, spec.storage)   # a missing dataset is one line before Ray starts
-    if spec.init_from is not None:   # a missing or foreign source is one line before Ray starts; shapes are the workers'
-        warm_start.read_source(spec.init_from, spec.storage)
+    if spec.init_from is not None:   # a missing source is one line before Ray starts; the workers load and check it
+        warm_start.locate_source(spec.init_from, spec.storage)
     storage.check_writable(spec.output, spec.storage)
     _check_train_columns(ds)
     verified = preflight(spec, restart, log)

@@ -14,9 +14,10 @@ from recmix.platform.errors import RecmixError
 from recmix.platform.specs.data import StorageConfig
 
 
-def read_source(uri: str, storage_cfg: StorageConfig) -> dict[str, torch.Tensor]:
-    """A run's output folder (its `model.pt`, the best epoch's weights) or a model artifact (`dense.pt` of the
-    version LATEST names, or of the version folder given)."""
+def locate_source(uri: str, storage_cfg: StorageConfig):
+    """(filesystem, path) of the weights `uri` names: a run's output folder (its `model.pt`, the best epoch's
+    weights) or a model artifact (`dense.pt` of the version LATEST names, or of the version folder given).
+    Reads no weights: the driver calls it before Ray starts, the workers load."""
     fs, root = storage.resolve(uri, storage_cfg)
     path = storage.join(root, "model.pt")
     try:
@@ -27,6 +28,12 @@ def read_source(uri: str, storage_cfg: StorageConfig) -> dict[str, torch.Tensor]
         version = fmt.resolve_version(uri, storage_cfg)
         vfs, vroot = storage.resolve(version, storage_cfg)
         fs, path = vfs, storage.join(vroot, fmt.read_doc(version, storage_cfg)["dense"])
+    return fs, path
+
+
+def read_source(uri: str, storage_cfg: StorageConfig) -> dict[str, torch.Tensor]:
+    """The state_dict `uri` names (`locate_source`)."""
+    fs, path = locate_source(uri, storage_cfg)
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(fs, path)), weights_only=True, map_location="cpu")
     except RecmixError:
