@@ -110,3 +110,51 @@ def test_a_user_facing_error_behind_a_failed_ray_train_run_becomes_one_line():
     err = WorkerGroupError("rank 1 failed", {1: ValueError("other rank"), 0: wrapped})
     assert failure_line(err) == "push to embedding shard(s) [0] not applied after 30 attempts (ActorDiedError: gone)"
     assert failure_line(WorkerGroupError("x", {0: ValueError("a bug")})) is None
+
+
+def _saved(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    d = state.save(state.TrainerState(epoch=1, step=5), model, opt, None)
+    dest = tmp_path / "ck"
+    shutil.move(d, dest)
+    return str(dest)
+
+
+def test_each_resuming_worker_reads_its_own_copy_of_the_checkpoint(tmp_path):
+    """Ray's `to_directory()` hands every worker on a node one shared folder, and a worker that takes the lock
+    after another finished downloads again over the files the other is reading (a resumed run once refused a
+    checkpoint whose rng.pt read as 0 bytes). `private_copy` gives each caller its own folder."""
+    import ray.train
+
+    from recmix.jobs.train.worker import private_copy
+
+    ck = ray.train.Checkpoint.from_directory(_saved(tmp_path))
+    shared = ck.to_directory()
+    try:
+        assert ck.to_directory() == shared      # the cause: one folder for every caller
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    a, b = private_copy(ck), private_copy(ck)
+    try:
+        assert len({a, b, shared, ck.path}) == 4
+        assert state.verify(a, "a")["state"]["step"] == state.verify(b, "b")["state"]["step"] == 5
+    finally:
+        shutil.rmtree(a), shutil.rmtree(b)
+
+
+def test_fit_removes_the_resume_copy_even_when_it_refuses_the_checkpoint(tmp_path):
+    from recmix.jobs.train import loop
+
+    d = _saved(tmp_path)
+    with open(os.path.join(d, "rng.pt"), "wb"):
+        pass                                     # truncated to 0 bytes, as the race left it
+
+    class Resuming(loop.LocalContext):
+        def latest_checkpoint(self):
+            return d
+
+    with pytest.raises(RecmixError, match=r"is corrupt \(rng.pt: 0 bytes"):
+        loop.fit(torch.nn.Linear(3, 2), None, None, Resuming(lambda line: None), eval_batch_size=4, epochs=1,
+                 patience=1)
+    assert not os.path.exists(d)

@@ -10,6 +10,7 @@ those of the whole split; rank 0 computes them and broadcasts, so early stopping
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
@@ -100,7 +101,7 @@ class Context(Protocol):
     checkpoints: bool           # False: report() keeps nothing, so no checkpoint is built
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None: ...
-    def latest_checkpoint(self) -> Optional[str]: ...   # a local folder, or None for a fresh run
+    def latest_checkpoint(self) -> Optional[str]: ...   # a local folder fit() owns and removes, or None
     def gather(self, obj) -> list: ...                  # every rank's obj, in rank order, on every rank
     def broadcast(self, obj): ...                       # rank 0's obj on every rank
     def log(self, line: str) -> None: ...
@@ -215,10 +216,13 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
     best_state = None
     found = ctx.latest_checkpoint()
     if found is not None:
-        st, best_state = ckpt.load(found, inner, optimizer)
-        ckpt.check_meta(st, meta or {}, found)
-        if sparse is not None:
-            sparse.load_from(found, f"step-{st.step}")
+        try:
+            st, best_state = ckpt.load(found, inner, optimizer)
+            ckpt.check_meta(st, meta or {}, found)
+            if sparse is not None:
+                sparse.load_from(found, f"step-{st.step}")
+        finally:
+            shutil.rmtree(found, ignore_errors=True)
         ctx.log(f"[train] resuming from step {st.step} (epoch {st.epoch + 1}, {st.step_in_epoch} steps into it)")
     resumed_from = st.step
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -28,6 +29,15 @@ from .loop import fit, lr_schedule, make_optimizer
 def checkpoint_name(step: int, epoch_end: bool) -> str:
     """Sorts by step, an epoch-end checkpoint after a step checkpoint of the same step."""
     return f"checkpoint-{step:09d}-{int(epoch_end)}"
+
+
+def private_copy(ck) -> str:
+    """A local copy of `ck` (also from S3) in a folder of this worker's own, which the caller removes.
+
+    `Checkpoint.to_directory()` without a path gives every worker on a node the same folder, and a worker
+    that takes the download lock after another has finished downloads again over the files that the other
+    is reading: a resumed run then refused a checkpoint whose `rng.pt` read as 0 bytes."""
+    return ck.to_directory(tempfile.mkdtemp(prefix="recmix-resume-"))
 
 
 class RayContext:
@@ -66,10 +76,7 @@ class RayContext:
         import ray.train
 
         ck = ray.train.get_checkpoint()
-        if ck is None:
-            return None
-        d = ck.to_directory()   # a local copy, also from S3
-        return d
+        return None if ck is None else private_copy(ck)
 
     def gather(self, obj) -> list:
         import torch.distributed as dist
