@@ -32,7 +32,11 @@ W8A16 = "w8a16.pt"
 def resolve_version(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:
     """`uri` itself when it holds an artifact.json, else `uri/<LATEST>`."""
     fs, root = storage.resolve(uri, storage_cfg)
-    if fs.get_file_info(storage.join(root, DOC)).type.name == "File":
+    try:
+        found = fs.get_file_info(storage.join(root, DOC)).type.name == "File"
+    except OSError as e:   # an unreachable or silent S3 endpoint, rejected credentials: one line
+        raise RecmixError(f"{uri}: {storage.describe(e, storage_cfg)}") from None
+    if found:
         return uri.rstrip("/")
     try:
         version = storage.read_bytes(fs, storage.join(root, LATEST)).decode().strip()

@@ -141,6 +141,15 @@ def test_s3_unreachable_endpoint(aws_env, closed_endpoint, tmp_path, capsys):
     assert "cannot reach the S3 endpoint" in err and closed_endpoint in err
 
 
+def test_model_artifact_on_an_unreachable_endpoint_is_one_line(aws_env, closed_endpoint):
+    """`recmix serve` and `init_from` resolve an artifact's version first (models.artifact.resolve_version)."""
+    from recmix.models.artifact import resolve_version
+
+    with pytest.raises(RecmixError, match="cannot reach the S3 endpoint") as e:
+        resolve_version("s3://bucket/model", StorageConfig(endpoint_url=closed_endpoint, **FAST))
+    assert str(e.value).startswith("s3://bucket/model: ") and "\n" not in str(e.value)
+
+
 def test_s3_bad_credentials(aws_env, denying_endpoint, tmp_path, capsys):
     assert main(["run", str(_ml_spec(tmp_path, "s3://bucket/ds", endpoint_url=denying_endpoint, **FAST))]) == 2
     err = _one_line(capsys)
