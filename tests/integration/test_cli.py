@@ -139,7 +139,7 @@ def test_bench_help_lists_every_bench_with_a_description(capsys):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["bench", "quality", "--set", "colour=red"], "--set colour: unknown parameter of bench 'quality' (known: batch_size, dataset, epochs, lr, ml100k, models, patience, schedule, seeds, weight_decay, workers)"),
+    (["bench", "quality", "--set", "colour=red"], "--set colour: unknown parameter of bench 'quality' (known: batch_size, dataset, epochs, holdout, lr, ml100k, models, patience, schedule, seeds, weight_decay, workers)"),
     (["bench", "w8a16", "--set", "seeds=1"], "--set seeds: unknown parameter of bench 'w8a16' (known: none)"),
     (["bench", "quality", "--set", "seeds"], "--set 'seeds': expected key=value"),
     (["bench", "quality", "--set", "workers=0"], "params.workers: Input should be greater than or equal to 1"),

@@ -21,3 +21,27 @@ def test_the_bench_protocol_reaches_every_runs_train_spec():
     assert spec.optimizer.schedule.value == "constant" and spec.optimizer.lr == 1e-3
     default = spec_for("tokenmixer_large", MODELS["tokenmixer_large"], 0, False, "./d", QualityParams())
     assert default.optimizer.schedule.value == "linear" and default.epochs == 4
+
+
+def test_backtest_holds_out_the_last_train_rows_and_scores_valid():
+    import numpy as np
+    import pytest
+
+    from recmix.jobs.bench.quality import backtest_splits
+    from recmix.jobs.train.data import SplitArrays
+    from recmix.platform.errors import RecmixError
+
+    def split(lo, n):
+        ids = np.arange(lo, lo + n, dtype=np.int64)
+        return SplitArrays({"x": ids}, (ids % 2).astype(np.float32)[:, None], ids)
+
+    splits = {"train": split(0, 10), "valid": split(10, 3), "test": split(13, 3)}
+    bt = backtest_splits(splits)
+    assert bt["train"].columns["x"].tolist() == list(range(7)) and bt["valid"].columns["x"].tolist() == [7, 8, 9]
+    assert bt["test"] is splits["valid"] and all(v is not splits["test"] for v in bt.values())   # test never read
+    assert bt["valid"].user_key.tolist() == [7, 8, 9] and bt["valid"].labels[:, 0].tolist() == [1, 0, 1]
+    with pytest.raises(RecmixError, match=r"params.holdout: backtest needs more train rows \(3\) than valid rows \(3\)"):
+        backtest_splits({"train": split(0, 3), "valid": split(3, 3), "test": split(6, 1)})
+    params = QualityParams(holdout="backtest")
+    assert spec_for("dlrm_mlp", MODELS["dlrm_mlp"], 0, False, "./d/ml100k", params).output == \
+        "./artifacts/runs/quality/ml100k-backtest/dlrm_mlp-s0"

@@ -17,7 +17,9 @@ Parameters (`QualityParams`, `recmix bench quality --set key=value`): `dataset` 
 same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`, `models` (a subset; the
 optional `tokenmixer_large_lmn` runs only when named), and
 the protocol: `lr`, `schedule`, `weight_decay`, `batch_size`, `epochs`, `patience` (defaults: the valid-only sweep of
-docs/models.md).
+docs/models.md). `holdout=backtest` chooses between configurations without reading test: each run trains on the
+train split less its last |valid| rows (the split is stored in time order), selects its epoch on those rows, and
+scores the valid split where the report says "test"; its runs go to `<dataset folder>-backtest`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from recmix.platform.bench import BenchReport
 from recmix.platform.errors import RecmixError
-from recmix.platform.specs.bench import QualityParams
+from recmix.platform.specs.bench import Holdout, QualityParams
 
 # [choice] TokenMixer-Large and RankMixer share chunk tokens (T = 8, D = 32, L = 2): group_mlp's 5 tokens trailed
 # RankMixer by 0.022 test AUC on planted synthetic data and chunk tokens led it (docs/models.md). Every model
@@ -85,10 +87,24 @@ def run_folder(uri: str) -> str:
 def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str, params: QualityParams):
     from recmix.platform.specs.train import TrainSpec
 
+    folder = run_folder(uri) + ("-backtest" if params.holdout is Holdout.backtest else "")
     return TrainSpec(kind="train", dataset=dict(uri=uri), model=model, seed=seed, threads=1, batch_size=params.batch_size,
                      epochs=1 if quick else params.epochs, early_stopping=dict(patience=params.patience),
-                     output=f"./artifacts/runs/quality/{run_folder(uri)}/{name}-s{seed}",
+                     output=f"./artifacts/runs/quality/{folder}/{name}-s{seed}",
                      optimizer=dict(name="adamw", lr=params.lr, weight_decay=params.weight_decay, schedule=params.schedule))
+
+
+def _rows(sa, idx: np.ndarray):
+    return type(sa)({k: v[idx] for k, v in sa.columns.items()}, sa.labels[idx], sa.user_key[idx])
+
+
+def backtest_splits(splits: dict) -> dict:
+    """train less its last |valid| rows / those rows / valid: the contract's shape one period earlier."""
+    train, valid = splits["train"], splits["valid"]
+    n, v = len(train), len(valid)
+    if n <= v:
+        raise RecmixError(f"params.holdout: backtest needs more train rows ({n}) than valid rows ({v})")
+    return {"train": _rows(train, np.arange(n - v)), "valid": _rows(train, np.arange(n - v, n)), "test": valid}
 
 
 def _one(args) -> dict:
@@ -97,11 +113,11 @@ def _one(args) -> dict:
 
     spec = spec_for(name, model, seed, quick, uri, params)
     schema, splits = load_splits(spec)
+    if params.holdout is Holdout.backtest:
+        splits = backtest_splits(splits)
     if quick:   # a smoke test of the same path: 4,000 train rows, 2,000 valid/test rows
         for split, n in (("train", 4000), ("valid", 2000), ("test", 2000)):
-            sa = splits[split]
-            idx = np.arange(min(n, len(sa)))
-            splits[split] = type(sa)({k: v[idx] for k, v in sa.columns.items()}, sa.labels[idx], sa.user_key[idx])
+            splits[split] = _rows(splits[split], np.arange(min(n, len(splits[split]))))
     res = train(spec, splits, schema, log=lambda s: print(f"[{name} s{seed}] {s}", flush=True), write=not quick)
     return {"name": name, "seed": seed, "test": res.test, "valid_auc": res.valid["auc"], "best_epoch": res.best_epoch,
             "epochs_run": res.epochs_run, "params_dense": res.counts["dense"]["params"],
@@ -168,9 +184,12 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
                        for k, v in results["pairs"].items())]
     if quick:
         notes.append("quick: seed 0, 1 epoch on 4,000 training rows, 2,000 valid/test rows -- a smoke test, not a quality figure")
-    protocol = params.model_dump(mode="json", include={"lr", "schedule", "weight_decay", "batch_size", "epochs", "patience"})
+    protocol = params.model_dump(mode="json", include={"lr", "schedule", "weight_decay", "batch_size", "epochs", "patience",
+                                                                   "holdout"})
     notes.append(f"protocol: adamw {protocol}; early stopping on valid AUC, test scored once with the best epoch; "
                  "std over seeds with ddof = 1")
+    if params.holdout is Holdout.backtest:
+        title += " (backtest: 'test' is the valid split, 'valid' the last train rows; test never read)"
     return BenchReport(title=title,
                        columns=["model", "test AUC", "logloss", "warm AUC", "cold AUC", "valid AUC", "dense params", "epochs"],
                        rows=rows, results=results, config={"models": models, "quick": quick, "protocol": protocol}, notes=notes)

@@ -6,6 +6,7 @@ tests/unit/test_imports.py checks that `recmix.jobs.registry.BENCHES` has exactl
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -16,6 +17,14 @@ from .train import LRSchedule
 
 class NoParams(StrictModel):
     """The bench takes no parameters beyond `quick`."""
+
+
+class Holdout(str, Enum):
+    """What the quality bench scores: `contract` trains on train, selects on valid, scores test once; `backtest`
+    trains on the train split less its last |valid| rows, selects on those rows, scores valid (test never read)."""
+
+    contract = "contract"
+    backtest = "backtest"
 
 
 class QualityParams(StrictModel):
@@ -34,6 +43,7 @@ class QualityParams(StrictModel):
     batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 512
     epochs: Annotated[int, Field(ge=1, le=1000)] = 4       # quick runs 1
     patience: Annotated[int, Field(ge=0, le=1000)] = 2
+    holdout: Holdout = Holdout.contract
     # a subset of the bench's models (empty: all); pairs whose two models both ran are bootstrapped
     models: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=64)
 
