@@ -11,6 +11,7 @@ over `limits.max_body_bytes` 413, not JSON 400, schema or feature errors 422; a 
 # No `from __future__ import annotations`: FastAPI reads the route annotations from the class Serve serialized
 # by value, whose globals hold only the names its code uses (a string "Request" would not resolve).
 
+import asyncio
 import json
 import os
 import time
@@ -196,7 +197,10 @@ class Ranker:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def batched(self, encs: list) -> list:
-        return self.scorer.score_many(encs)
+        # Scored in a worker thread (torch and ray.get release the GIL), so the event loop keeps reading,
+        # parsing and encoding the next requests, and answering health checks, meanwhile. Serve runs one batch
+        # at a time (max_concurrent_batches 1): the scorer and its user cache never see two threads at once.
+        return await asyncio.to_thread(self.scorer.score_many, encs)
 
 
 def application(spec: ServeSpec):
