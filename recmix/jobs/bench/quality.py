@@ -184,8 +184,8 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
                        for k, v in results["pairs"].items())]
     if quick:
         notes.append("quick: seed 0, 1 epoch on 4,000 training rows, 2,000 valid/test rows -- a smoke test, not a quality figure")
-    protocol = params.model_dump(mode="json", include={"lr", "schedule", "weight_decay", "batch_size", "epochs", "patience",
-                                                                   "holdout"})
+    protocol = params.model_dump(mode="json", include={"lr", "schedule", "weight_decay", "batch_size", "epochs",
+                                                       "patience", "holdout"})
     notes.append(f"protocol: adamw {protocol}; early stopping on valid AUC, test scored once with the best epoch; "
                  "std over seeds with ddof = 1")
     if params.holdout is Holdout.backtest:
