@@ -94,17 +94,13 @@ def spec_for(name: str, model: dict, seed: int, quick: bool, uri: str, params: Q
                      optimizer=dict(name="adamw", lr=params.lr, weight_decay=params.weight_decay, schedule=params.schedule))
 
 
-def _rows(sa, idx: np.ndarray):
-    return type(sa)({k: v[idx] for k, v in sa.columns.items()}, sa.labels[idx], sa.user_key[idx])
-
-
 def backtest_splits(splits: dict) -> dict:
     """train less its last |valid| rows / those rows / valid: the contract's shape one period earlier."""
     train, valid = splits["train"], splits["valid"]
     n, v = len(train), len(valid)
     if n <= v:
         raise RecmixError(f"params.holdout: backtest needs more train rows ({n}) than valid rows ({v})")
-    return {"train": _rows(train, np.arange(n - v)), "valid": _rows(train, np.arange(n - v, n)), "test": valid}
+    return {"train": train.slice(0, n - v), "valid": train.slice(n - v, n), "test": valid}
 
 
 def _one(args) -> dict:
@@ -117,7 +113,7 @@ def _one(args) -> dict:
         splits = backtest_splits(splits)
     if quick:   # a smoke test of the same path: 4,000 train rows, 2,000 valid/test rows
         for split, n in (("train", 4000), ("valid", 2000), ("test", 2000)):
-            splits[split] = _rows(splits[split], np.arange(min(n, len(splits[split]))))
+            splits[split] = splits[split].slice(0, n)
     res = train(spec, splits, schema, log=lambda s: print(f"[{name} s{seed}] {s}", flush=True), write=not quick)
     return {"name": name, "seed": seed, "test": res.test, "valid_auc": res.valid["auc"], "best_epoch": res.best_epoch,
             "epochs_run": res.epochs_run, "params_dense": res.counts["dense"]["params"],

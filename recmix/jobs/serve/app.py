@@ -195,11 +195,11 @@ class Ranker:
                               "total": (time.perf_counter() - t0) * 1e3},
                 "cache_hit": res.cache_hit, "batch_requests": res.batch_requests, "unknown_ids": enc.unknown_ids}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=1)
     async def batched(self, encs: list) -> list:
         # Scored in a worker thread (torch and ray.get release the GIL), so the event loop keeps reading,
         # parsing and encoding the next requests, and answering health checks, meanwhile. Serve runs one batch
-        # at a time (max_concurrent_batches 1): the scorer and its user cache never see two threads at once.
+        # at a time (max_concurrent_batches=1): the scorer and its user cache never see two threads at once.
         return await asyncio.to_thread(self.scorer.score_many, encs)
 
 
