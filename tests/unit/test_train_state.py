@@ -152,9 +152,9 @@ def test_fit_removes_the_resume_copy_even_when_it_refuses_the_checkpoint(tmp_pat
 
     class Resuming(loop.LocalContext):
         def latest_checkpoint(self):
-            return d
+            return d, "runs/r1/checkpoint-000000005"     # a local copy, and the path it was copied from
 
-    with pytest.raises(RecmixError, match=r"is corrupt \(rng.pt: 0 bytes"):
+    with pytest.raises(RecmixError, match=r"checkpoint runs/r1/checkpoint-000000005 is corrupt \(rng.pt: 0 bytes"):
         loop.fit(torch.nn.Linear(3, 2), None, None, Resuming(lambda line: None), eval_batch_size=4, epochs=1,
                  patience=1)
     assert not os.path.exists(d)

@@ -101,7 +101,7 @@ class Context(Protocol):
     checkpoints: bool           # False: report() keeps nothing, so no checkpoint is built
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None: ...
-    def latest_checkpoint(self) -> Optional[str]: ...   # a local folder fit() owns and removes, or None
+    def latest_checkpoint(self) -> Optional[tuple[str, str]]: ...   # (a local copy fit() removes, the stored path), or None
     def gather(self, obj) -> list: ...                  # every rank's obj, in rank order, on every rank
     def broadcast(self, obj): ...                       # rank 0's obj on every rank
     def log(self, line: str) -> None: ...
@@ -121,7 +121,7 @@ class LocalContext:
     def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None:
         pass
 
-    def latest_checkpoint(self) -> Optional[str]:
+    def latest_checkpoint(self) -> Optional[tuple[str, str]]:
         return None
 
     def gather(self, obj) -> list:
@@ -216,13 +216,14 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: Feed, ct
     best_state = None
     found = ctx.latest_checkpoint()
     if found is not None:
+        local, where = found         # messages name the stored checkpoint, not the temp copy removed below
         try:
-            st, best_state = ckpt.load(found, inner, optimizer)
-            ckpt.check_meta(st, meta or {}, found)
+            st, best_state = ckpt.load(local, inner, optimizer, where)
+            ckpt.check_meta(st, meta or {}, where)
             if sparse is not None:
-                sparse.load_from(found, f"step-{st.step}")
+                sparse.load_from(local, f"step-{st.step}")
         finally:
-            shutil.rmtree(found, ignore_errors=True)
+            shutil.rmtree(local, ignore_errors=True)
         ctx.log(f"[train] resuming from step {st.step} (epoch {st.epoch + 1}, {st.step_in_epoch} steps into it)")
     resumed_from = st.step
 

@@ -85,9 +85,11 @@ def verify(d: str, where: str) -> dict:
     return doc
 
 
-def load(d: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[TrainerState, dict]:
-    """Restore model, optimizer and RNG from a checkpoint folder; returns (trainer state, best state_dict)."""
-    doc = verify(d, d)
+def load(d: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: Optional[str] = None
+         ) -> tuple[TrainerState, dict]:
+    """Restore model, optimizer and RNG from a checkpoint folder; returns (trainer state, best state_dict).
+    `where` names the checkpoint in errors (its stored path, when `d` is a local copy)."""
+    doc = verify(d, where or d)
     dev = next(model.parameters()).device
     model.load_state_dict(torch.load(os.path.join(d, "model.pt"), weights_only=True, map_location=dev))
     optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True, map_location=dev))

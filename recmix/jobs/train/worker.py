@@ -72,11 +72,11 @@ class RayContext:
         if self._progress is not None and self.rank == 0:
             self._progress.put_nowait({k: v for k, v in figures.items() if isinstance(v, (int, float))})
 
-    def latest_checkpoint(self) -> Optional[str]:
+    def latest_checkpoint(self) -> Optional[tuple[str, str]]:
         import ray.train
 
         ck = ray.train.get_checkpoint()
-        return None if ck is None else private_copy(ck)
+        return None if ck is None else (private_copy(ck), ck.path)
 
     def gather(self, obj) -> list:
         import torch.distributed as dist
