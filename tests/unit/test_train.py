@@ -244,3 +244,20 @@ def test_metrics_json_keeps_secret_interpolations_out(tmp_path, monkeypatch):
     _write_outputs(spec, res, print)
     written = "".join(p.read_text(errors="replace") for p in (tmp_path / f"out-{secret}").glob("*.json"))
     assert "test_auc" in written and "${RECMIX_TEST_OUTPUT_TOKEN}" in written and secret not in written
+
+
+def test_a_backtest_quality_run_never_reads_the_test_split(tiny_dataset, monkeypatch):
+    from recmix.jobs.bench import quality
+    from recmix.platform.dataset import PreparedDataset as Dataset
+    from recmix.platform.specs.bench import QualityParams
+
+    read, real = [], Dataset.read_split
+
+    def recording(self, split, columns=None):
+        read.append(split)
+        return real(self, split, columns)
+
+    monkeypatch.setattr(Dataset, "read_split", recording)
+    params = QualityParams(dataset=tiny_dataset, holdout="backtest")
+    out = quality._one(("dlrm_mlp", quality.MODELS["dlrm_mlp"], 0, True, tiny_dataset, params))
+    assert sorted(read) == ["train", "valid"] and 0.0 <= out["test"]["auc"] <= 1.0

@@ -46,9 +46,9 @@ CURVES = "curves.png"                # train loss and valid AUC per epoch (curve
 PREDICTIONS = "test_predictions.npy"  # (N_test, K) float32 probabilities of the best epoch, in the test split's row order
 
 
-def load_splits(spec: TrainSpec):
+def load_splits(spec: TrainSpec, names: tuple[str, ...] = ("train", "valid", "test")):
     ds = open_dataset(spec.dataset.uri, spec.storage)
-    splits = {s: to_arrays(ds.read_split(s), ds.schema) for s in ("train", "valid", "test")}
+    splits = {s: to_arrays(ds.read_split(s), ds.schema) for s in names}
     return ds.schema, splits
 
 
