@@ -45,3 +45,28 @@ def test_backtest_holds_out_the_last_train_rows_and_scores_valid():
     params = QualityParams(holdout="backtest")
     assert spec_for("dlrm_mlp", MODELS["dlrm_mlp"], 0, False, "./d/ml100k", params).output == \
         "./artifacts/runs/quality/ml100k-backtest/dlrm_mlp-s0"
+
+
+def test_comparisons_split_rows_by_a_full_or_shorter_behaviour_history():
+    import numpy as np
+
+    from recmix.jobs.bench.quality import _by_history, history_lengths
+    from recmix.jobs.prepare.builtin import builtin_schema
+    from recmix.jobs.train.data import SplitArrays
+
+    rng = np.random.default_rng(0)
+    n = 400
+    length = np.where(np.arange(n) % 4 == 0, 3, 5)          # a quarter of the rows hold 3 of 5 positions
+    hist = np.where(np.arange(5)[None, :] < length[:, None], rng.integers(0, 9, (n, 5)), -1)
+    y = rng.integers(0, 2, n).astype(np.float32)
+    split = SplitArrays({"hist_items": hist}, y[:, None], np.arange(n) % 50)
+    schema = builtin_schema(n_users=50, n_items=10, history_len=5)
+    name, max_len, got = history_lengths(schema, split)
+    assert (name, max_len) == ("hist_items", 5) and got.tolist() == length.tolist()
+
+    noise = rng.random(n)
+    good = np.where(length == 5, y + 0.1 * noise, noise)      # a ranks the full-history rows perfectly, b does not
+    r0 = {"history": (name, max_len, got), "labels": y, "users": split.user_key}
+    out = _by_history(r0, [{"probs": good}], [{"probs": noise}], n_boot=50, seed=0)
+    assert out["full"]["share"] == 0.75 and out["full"]["lo95"] > 0.3
+    assert out["shorter"]["delta"] == 0.0 and out["shorter"]["share"] == 0.25

@@ -4,7 +4,8 @@ Full: 5 models x seeds 0, 1, 2 on the evaluation contract (train 80k / valid 10k
 early stopping on valid AUC, test scored once with the best epoch; mean and sample std (ddof = 1) over
 seeds of test AUC, logloss, warm-user and cold-user AUC, plus paired bootstraps over users
 (TokenMixer-Large vs RankMixer, RankMixer vs DLRM, MoE vs dense, UG-Sep vs dense) of the mean-over-seeds
-difference, with each seed's own interval beside it.
+difference, with each seed's own interval beside it, and the same for the rows whose behaviour history is full
+(all `max_len` positions) and the shorter ones.
 Every model gets the dataset schema's inputs, its sequence tokens (docs/models.md) included. Runs go to a
 pool of `workers` (default 2) single-threaded processes; each writes its outputs (metrics, test predictions)
 to `./artifacts/runs/quality/<dataset folder name>/<model>-s<seed>`.
@@ -15,7 +16,7 @@ Parameters (`QualityParams`, `recmix bench quality --set key=value`): `dataset` 
 `${RECMIX_ARTIFACTS:-./artifacts}/ml100k`), prepared from the raw MovieLens-100K folder `ml100k` (default: the
 `RECMIX_ML100K` environment variable) when it has no manifest; point `dataset` at a synthetic dataset with the
 same schema to compare on planted interactions. `seeds` (default 0,1,2), `workers`, `models` (a subset; the
-optional `tokenmixer_large_lmn` runs only when named), and
+optional `tokenmixer_large_lmn` and `tokenmixer_large_ugsep_1_1_no_global` run only when named), and
 the protocol: `lr`, `schedule`, `weight_decay`, `batch_size`, `epochs`, `patience` (defaults: the valid-only sweep of
 docs/models.md). `holdout=backtest` chooses between configurations without reading test: each run trains on the
 train split less its last |valid| rows (the split is stored in time order), selects its epoch on those rows, and
@@ -58,10 +59,14 @@ PAIRS = [("tokenmixer_large", "rankmixer"), ("rankmixer", "dlrm_mlp"), ("tokenmi
          ("tokenmixer_large_ugsep_1_1", "tokenmixer_large")]
 # Run only when named in `models` (--set models=tokenmixer_large,tokenmixer_large_lmn): TokenMixer-Large with the
 # LMN memory read-out (docs/lmn.md), a 4,096-slot memory for ml-100k's 1,682 items.
+# UG-Sep 1:1 as benched until the seventh session (no global token): `--set holdout=backtest --set
+# models=tokenmixer_large,tokenmixer_large_ugsep_1_1,tokenmixer_large_ugsep_1_1_no_global` repeats the choice.
 OPTIONAL: dict[str, dict] = {
     "tokenmixer_large_lmn": {**_TML, "memory": dict(n_sub=64, d_key=32, d_value=16, k_axis=8, top_k=8)},
+    "tokenmixer_large_ugsep_1_1_no_global": {**_TML, "ugsep": dict(user_tokens="1:1", ic_mode="none")},
 }
-OPTIONAL_PAIRS = [("tokenmixer_large_lmn", "tokenmixer_large")]
+OPTIONAL_PAIRS = [("tokenmixer_large_lmn", "tokenmixer_large"),
+                  ("tokenmixer_large_ugsep_1_1", "tokenmixer_large_ugsep_1_1_no_global")]
 
 
 def dataset_uri(params: QualityParams) -> str:
@@ -106,6 +111,15 @@ def backtest_splits(splits: dict) -> dict:
     return {"train": train.slice(0, n - v), "valid": train.slice(n - v, n), "test": valid}
 
 
+def history_lengths(schema, split) -> tuple[str, int, np.ndarray] | None:
+    """(name, max_len, per-row length) of the schema's first tokenized sequence feature (the behaviour history),
+    or None: the bench splits every comparison into rows with a full history and the rest."""
+    f = next((f for f in schema.inputs if f.type.value == "sequence" and f.tokens is not None), None)
+    if f is None:
+        return None
+    return f.name, int(f.max_len), (np.asarray(split.columns[f.name]) >= 0).sum(1)
+
+
 def _one(args) -> dict:
     name, model, seed, quick, uri, params = args
     from recmix.jobs.train import load_splits, train
@@ -123,7 +137,26 @@ def _one(args) -> dict:
     return {"name": name, "seed": seed, "test": res.test, "valid_auc": res.valid["auc"], "best_epoch": res.best_epoch,
             "epochs_run": res.epochs_run, "params_dense": res.counts["dense"]["params"],
             "flops": res.counts["dense"]["flops"], "samples_per_s": res.train_samples_per_s,
-            "probs": res.test_probs[:, 0], "labels": splits["test"].labels[:, 0], "users": splits["test"].user_key}
+            "probs": res.test_probs[:, 0], "labels": splits["test"].labels[:, 0], "users": splits["test"].user_key,
+            "history": history_lengths(schema, splits["test"])}
+
+
+def _by_history(r0: dict, runs_a: list[dict], runs_b: list[dict], n_boot: int, seed: int) -> dict:
+    """The pair's paired bootstrap on the rows with a full history and on the rest (None for a subset that is
+    empty or holds one class only)."""
+    from recmix.jobs.train.metrics import paired_bootstrap
+
+    _, max_len, length = r0["history"]
+    out = {}
+    for key, rows in (("full", length >= max_len), ("shorter", length < max_len)):
+        y = r0["labels"][rows]
+        if len(np.unique(y)) < 2:
+            out[key] = None
+            continue
+        pair = paired_bootstrap(y, np.stack([r["probs"][rows] for r in runs_a]), np.stack([r["probs"][rows] for r in runs_b]),
+                                r0["users"][rows], n=n_boot, seed=seed)
+        out[key] = {k: pair[k] for k in ("delta", "lo95", "hi95")} | {"share": float(rows.mean())}
+    return out
 
 
 def run(quick: bool, params: QualityParams) -> BenchReport:
@@ -151,7 +184,7 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             runs = list(pool.map(_one, jobs))
     by = {n: [r for r in runs if r["name"] == n] for n in models}
-    rows, results = [], {"dataset": uri, "seeds": seeds, "models": {}, "pairs": {}}
+    rows, results = [], {"dataset": uri, "seeds": seeds, "models": {}, "pairs": {}, "by_history": {}}
     for n, rs in by.items():
         def ms(key, sub="test"):
             # None, not NaN, when a split has one class only (quick mode's warm rows): the JSON line stays strict
@@ -179,10 +212,18 @@ def compare(models: dict[str, dict], pairs: list[tuple[str, str]], quick: bool, 
                                 ra0["users"], n=n_boot, seed=seeds[0])
         pair["seeds_resolved"] = sum(lo > 0 or hi < 0 for _, lo, hi in pair["per_seed"])
         results["pairs"][f"{a}-{b}"] = pair
+        if ra0["history"] is not None:
+            results["by_history"][f"{a}-{b}"] = _by_history(ra0, by[a], by[b], n_boot, seeds[0])
     notes = [f"dataset {uri}; seeds {seeds}; paired bootstrap over users of the mean-over-seeds difference "
              "(seeds whose own interval excludes 0): " +
              "; ".join(f"{k}: d={v['delta']:+.4f} [{v['lo95']:+.4f}, {v['hi95']:+.4f}] ({v['seeds_resolved']}/{len(seeds)})"
                        for k, v in results["pairs"].items())]
+    if results["by_history"]:
+        name, max_len, _ = by[next(iter(models))][0]["history"]
+        notes.append(f"by history: rows whose {name} holds all {max_len} positions / the shorter ones: " + "; ".join(
+            f"{k}: " + " / ".join(f"{v['delta']:+.4f} [{v['lo95']:+.4f}, {v['hi95']:+.4f}] ({v['share']:.0%})"
+                                  for v in (h["full"], h["shorter"]) if v is not None)
+            for k, h in results["by_history"].items()))
     if quick:
         notes.append("quick: seed 0, 1 epoch on 4,000 training rows, 2,000 valid/test rows -- a smoke test, not a quality figure")
     protocol = params.model_dump(mode="json", include={"lr", "schedule", "weight_decay", "batch_size", "epochs",
