@@ -66,7 +66,8 @@ OPTIONAL: dict[str, dict] = {
     "tokenmixer_large_ugsep_1_1_no_global": {**_TML, "ugsep": dict(user_tokens="1:1", ic_mode="none")},
 }
 OPTIONAL_PAIRS = [("tokenmixer_large_lmn", "tokenmixer_large"),
-                  ("tokenmixer_large_ugsep_1_1", "tokenmixer_large_ugsep_1_1_no_global")]
+                  ("tokenmixer_large_ugsep_1_1", "tokenmixer_large_ugsep_1_1_no_global"),
+                  ("tokenmixer_large_ugsep_1_1_no_global", "tokenmixer_large")]
 
 
 def dataset_uri(params: QualityParams) -> str:
