@@ -115,7 +115,7 @@ def backtest_splits(splits: dict) -> dict:
 def history_lengths(schema, split) -> tuple[str, int, np.ndarray] | None:
     """(name, max_len, per-row length) of the schema's first tokenized sequence feature (the behaviour history),
     or None: the bench splits every comparison into rows with a full history and the rest."""
-    f = next((f for f in schema.inputs if f.type.value == "sequence" and f.tokens is not None), None)
+    f = next((f for f in schema.inputs if f.tokens is not None), None)   # the schema allows tokens on sequences only
     if f is None:
         return None
     return f.name, int(f.max_len), (np.asarray(split.columns[f.name]) >= 0).sum(1)
